@@ -1,0 +1,260 @@
+"""The chat socket: decode a frame, call one service or selector, answer.
+
+Deliveries to this socket do not pass through here: the hub writes room events straight
+to the socket. The consumer owns the socket's lifecycle and the request/answer frames
+(hello, joined, ack, history, pong, error). It reads its frames with a plain loop rather
+than Channels' dispatch machinery, which would add a task and a thread hop per frame; it
+has no channel-layer channel of its own, since the process's hub is the group member.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from channels.consumer import AsyncConsumer
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from django.conf import settings
+
+from chat import protocol, selectors, services
+from chat.auth import ANONYMOUS, Identity
+from chat.hub import Connection, Hub, Send, get_hub
+from chat.protocol import CloseCode, ErrorCode, ProtocolError
+from chat.selectors import RoomInfo
+from chat.services import ChatError
+from monitoring import metrics
+
+logger = logging.getLogger(__name__)
+
+TYPING_MIN_INTERVAL = 2.0  # seconds between typing events one socket may send per room
+
+
+class ChatConsumer(AsyncConsumer):
+    hub: Hub
+    conn: Connection | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.send_event: Send = send
+        self.identity = self._identity(scope)
+        self.rooms: dict[str, RoomInfo] = {}
+        self.typing_at: dict[int, float] = {}
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        finally:
+            if self.conn is not None:
+                await self.hub.unregister(self.conn)
+                self.conn = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "websocket.receive":
+            await self.websocket_receive(message)
+        elif kind == "websocket.connect":
+            await self.websocket_connect(message)
+        elif kind == "websocket.disconnect":
+            metrics.DISCONNECTS.labels(str(message.get("code", 1005))).inc()
+            raise StopConsumer
+
+    @staticmethod
+    def _identity(scope: dict[str, Any]) -> Identity:
+        identity = scope.get("chat_identity")
+        if isinstance(identity, Identity):
+            return identity
+        user = scope.get("user")
+        if user is not None and user.is_authenticated:
+            return Identity(user_id=user.pk, username=user.get_username())
+        return ANONYMOUS
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        fmt, subprotocol = protocol.select_subprotocol(list(self.scope.get("subprotocols") or ()))
+        await self.send_event({"type": "websocket.accept", "subprotocol": subprotocol})
+        try:
+            self.hub = await get_hub()
+        except Exception:
+            logger.warning("chat: hub unavailable at connect", exc_info=True)
+            await self.send_event(
+                protocol.send_event(
+                    protocol.error(ErrorCode.UNAVAILABLE, "chat is unavailable; retry shortly"),
+                    fmt,
+                )
+            )
+            await self.send_event({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN)})
+            return
+        self.conn = conn = Connection(
+            self.send_event,
+            fmt=fmt,
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+        )
+        self.hub.register(conn)
+        metrics.CONNECTS.inc()
+        conn.send_frame(
+            protocol.hello(
+                user=self.identity.username,
+                connection=conn.id,
+                heartbeat_s=settings.CHAT_HEARTBEAT_INTERVAL,
+                max_body=settings.CHAT_MAX_MESSAGE_LENGTH,
+                max_frame=settings.CHAT_MAX_FRAME_BYTES,
+            )
+        )
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+            size = len(data)
+        else:
+            size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        if size > settings.CHAT_MAX_FRAME_BYTES:
+            metrics.DROPPED.labels("frame_too_big").inc()
+            conn.close(CloseCode.MESSAGE_TOO_BIG)
+            return
+        self.hub.touch(conn)
+        try:
+            frame = protocol.parse(data, conn.fmt)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.detail, ref=exc.ref)
+            return
+        metrics.FRAMES_IN.labels(type(frame).__name__.lower()).inc()
+        try:
+            await self._handle(conn, frame)
+        except ChatError as exc:
+            self._error(exc.code, exc.detail, ref=_ref(frame), **exc.extra)
+        except Exception:
+            logger.exception("chat: failed to handle %s", type(frame).__name__)
+            self._error(
+                ErrorCode.INTERNAL, "the server failed to handle this frame", ref=_ref(frame)
+            )
+
+    # --- frames ------------------------------------------------------------------------------
+
+    async def _handle(self, conn: Connection, frame: protocol.ClientFrame) -> None:
+        match frame:
+            case protocol.Post():
+                await self._post(conn, frame)
+            case protocol.Pong(n=n):
+                conn.pong(n)
+            case protocol.Typing():
+                await self._typing(frame)
+            case protocol.Join():
+                await self._join(conn, frame)
+            case protocol.Leave():
+                await self._leave(conn, frame)
+            case protocol.HistoryRequest():
+                await self._history(conn, frame)
+            case protocol.Ping(n=n):
+                conn.send_frame(protocol.pong(n))
+
+    async def _join(self, conn: Connection, frame: protocol.Join) -> None:
+        if frame.room not in self.rooms and len(self.rooms) >= settings.CHAT_MAX_ROOMS_PER_SOCKET:
+            limit = settings.CHAT_MAX_ROOMS_PER_SOCKET
+            raise ChatError(ErrorCode.TOO_MANY_ROOMS, f"a socket can join at most {limit} rooms")
+        room = await database_sync_to_async(services.room_enter)(
+            slug=frame.room, user_id=self.identity.user_id
+        )
+        try:
+            await self.hub.join(conn, room.id, room.slug)
+        except Exception:
+            raise ChatError(ErrorCode.UNAVAILABLE, "cannot join right now; retry shortly") from None
+        try:
+            if frame.since is None:
+                page = await database_sync_to_async(selectors.message_recent)(room=room)
+                history, gap = page.messages, False
+            else:
+                history, gap = await database_sync_to_async(selectors.message_since)(
+                    room=room, since=frame.since
+                )
+        except BaseException:
+            if room.slug not in self.rooms:
+                await self.hub.leave(conn, room.id)
+            raise
+        self.rooms[room.slug] = room
+        online = await self.hub.presence.count(room.id)
+        conn.send_frame(
+            protocol.joined(
+                room=room.slug, title=room.title, history=history, online=online, gap=gap
+            )
+        )
+        last_id = history[-1]["id"] if history else (frame.since or 0)
+        self.hub.join_complete(conn, room.id, last_id)
+
+    async def _leave(self, conn: Connection, frame: protocol.Leave) -> None:
+        room = self._joined(frame.room)
+        del self.rooms[room.slug]
+        self.typing_at.pop(room.id, None)
+        await self.hub.leave(conn, room.id)
+        conn.send_frame(protocol.left(room=room.slug))
+
+    async def _post(self, conn: Connection, frame: protocol.Post) -> None:
+        if self.identity.user_id is None:
+            raise ChatError(ErrorCode.AUTH_REQUIRED, "sign in to post")
+        room = self._joined(frame.room)
+        result = await database_sync_to_async(services.message_post)(
+            user_id=self.identity.user_id, room=room, body=frame.body, client_id=frame.client_id
+        )
+        posted = result.frame
+        conn.send_frame(
+            protocol.ack(
+                room=room.slug,
+                client_id=frame.client_id,
+                id=posted["id"],
+                ts=posted["ts"],
+                duplicate=result.duplicate,
+            )
+        )
+        if not result.duplicate:
+            metrics.MESSAGES_POSTED.inc()
+
+    async def _typing(self, frame: protocol.Typing) -> None:
+        if self.identity.username is None:
+            raise ChatError(ErrorCode.AUTH_REQUIRED, "sign in to chat")
+        room = self._joined(frame.room)
+        now = time.monotonic()
+        if now - self.typing_at.get(room.id, 0.0) < TYPING_MIN_INTERVAL:
+            return  # one typing event per interval is all the others need to see
+        self.typing_at[room.id] = now
+        try:
+            await services.typing_publish(room=room, username=self.identity.username)
+        except Exception:
+            metrics.DROPPED.labels("typing_unpublished").inc()
+
+    async def _history(self, conn: Connection, frame: protocol.HistoryRequest) -> None:
+        room = self._joined(frame.room)
+        limit = min(frame.limit or settings.CHAT_HISTORY_LIMIT, settings.CHAT_HISTORY_PAGE_MAX)
+        page = await database_sync_to_async(selectors.message_page)(
+            room=room, before=frame.before, limit=limit
+        )
+        conn.send_frame(protocol.history(room=room.slug, messages=page.messages, more=page.more))
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _joined(self, slug: str) -> RoomInfo:
+        room = self.rooms.get(slug)
+        if room is None:
+            raise ChatError(ErrorCode.NOT_JOINED, f"join {slug!r} first")
+        return room
+
+    def _error(self, code: ErrorCode, detail: str, *, ref: str | None, **extra: Any) -> None:
+        metrics.ERRORS_SENT.labels(code.value).inc()
+        if self.conn is not None:
+            self.conn.send_frame(protocol.error(code, detail, ref=ref, **extra))
+
+
+def _ref(frame: protocol.ClientFrame) -> str | None:
+    """What an error refers to: the message's client_id, else the room."""
+    client_id = getattr(frame, "client_id", None)
+    if client_id is not None:
+        return str(client_id)
+    room = getattr(frame, "room", None)
+    return str(room) if room is not None else None

@@ -1,0 +1,563 @@
+"""The per-process fan-out hub: local sockets per room, one channel-layer channel per process.
+
+How a room event travels (docs/protocol.md, "Delivery"):
+
+    services -> publish(room_id, frame) -> one group_send to the room's group
+    -> every process with local members receives it once on its hub channel
+    -> the hub encodes it once per wire format (alone, or in a batch with the other
+       events of the same window) and writes the same bytes to every local member.
+
+Group members are processes, not sockets: the hub joins a room's group when its first
+local socket joins and leaves when the last one goes. Nothing here touches the ORM, and
+nothing on the delivery path creates a task, hops threads or encodes per socket.
+
+Outbound memory is bounded per socket by counting the bytes written that the client has
+not yet confirmed: every CHAT_FLOW_PING_BYTES the hub sends a `ping` carrying a nonce,
+and a `pong` echoing it confirms everything written before that ping. Daphne gives the
+application no backpressure at all, so this is the only way to see a socket that stopped
+reading; under Uvicorn a blocked send is also parked (see Connection.write). Past
+CHAT_OUTBOUND_SHED_BYTES typing events are skipped; past CHAT_OUTBOUND_LIMIT_BYTES the
+socket is closed with 4008 and the client reconnects with `since`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from channels.layers import BaseChannelLayer, get_channel_layer
+from django.conf import settings
+
+from chat import protocol
+from chat.presence import Presence
+from chat.protocol import CloseCode, Encoded, Frame, WireFormat
+from monitoring import metrics
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+
+EVENT_TYPE = "chat.room"
+CONTROL_TYPE = "chat.control"
+CONTROL_GROUP = "chat.control"
+
+
+def room_group(room_id: int) -> str:
+    return f"room.{room_id}"
+
+
+class Connection:
+    """One socket as the hub sees it: who it is, where it is, and what it owes us.
+
+    Holds the seed's connection metadata (user, rooms, connected_at, last_activity) and
+    the outbound accounting; no message history.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_send",
+        "acked_bytes",
+        "backlog",
+        "closed",
+        "connected_at",
+        "fmt",
+        "id",
+        "joining",
+        "last_activity",
+        "last_pong",
+        "next_flow_ping",
+        "pings",
+        "rooms",
+        "sent_bytes",
+        "user_id",
+        "username",
+        "writer",
+    )
+
+    def __init__(
+        self, send: Send, *, fmt: WireFormat, user_id: int | None, username: str | None
+    ) -> None:
+        now = time.monotonic()
+        self.id = uuid.uuid4().hex[:16]
+        self._send = send
+        self.fmt = fmt
+        self.user_id = user_id
+        self.username = username
+        self.rooms: set[int] = set()
+        # Rooms whose `joined` is still being prepared: events are held here until then, so
+        # a joining socket gets nothing before its history and nothing twice.
+        self.joining: dict[int, list[Frame]] = {}
+        self.connected_at = time.time()
+        self.last_activity = now
+        self.last_pong = now
+        self.sent_bytes = 0
+        self.acked_bytes = 0
+        self.next_flow_ping = settings.CHAT_FLOW_PING_BYTES
+        self.pings: collections.deque[tuple[int, int]] = collections.deque()
+        self.backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self.writer: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def outstanding(self) -> int:
+        """Bytes written to this socket that the client has not confirmed reading."""
+        return self.sent_bytes - self.acked_bytes
+
+    def write(self, event: dict[str, Any], size: int) -> bool:
+        """Write one ASGI send event without waiting; False if the socket is gone.
+
+        The ASGI send coroutine is driven by hand: under Daphne, and under Uvicorn while the
+        transport is writable, it finishes in its first step, so a delivery costs no task and
+        no scheduling. Only when the server parks the send (Uvicorn's flow control) is the rest
+        of it, and anything queued behind it, finished in a writer task.
+        """
+        if self.closed:
+            return False
+        self.sent_bytes += size
+        if self.writer is not None:
+            self.backlog.append(event)
+            return True
+        coro = self._send(event)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return True
+        except Exception:
+            # The server already knows this socket is gone (Uvicorn raises on a closed
+            # socket); the consumer's disconnect handler cleans up.
+            self.closed = True
+            return False
+        self.writer = asyncio.get_running_loop().create_task(self._finish(coro, yielded))
+        return True
+
+    async def _finish(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        """Resume a send the server parked, then flush the backlog in order."""
+        try:
+            while True:
+                if yielded is None:
+                    await asyncio.sleep(0)
+                else:
+                    with contextlib.suppress(Exception):
+                        await yielded
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    break
+            while self.backlog and not self.closed:
+                await self._send(self.backlog.popleft())
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception:
+            self.closed = True
+        finally:
+            self.writer = None
+
+    def send_frame(self, frame: Frame) -> bool:
+        """Encode and write one frame meant for this socket alone."""
+        data = protocol.dumps(frame, self.fmt)
+        event: dict[str, Any]
+        if isinstance(data, bytes):
+            event = {"type": "websocket.send", "bytes": data}
+        else:
+            event = {"type": "websocket.send", "text": data}
+        return self.write(event, len(data))
+
+    def ping(self) -> None:
+        """Send an application ping whose pong confirms everything written before it."""
+        nonce = random.getrandbits(31)
+        self.pings.append((nonce, self.sent_bytes))
+        self.next_flow_ping = self.sent_bytes + settings.CHAT_FLOW_PING_BYTES
+        self.send_frame(protocol.ping(nonce))
+
+    def pong(self, nonce: int | None) -> None:
+        """Credit the client for a pong. Pongs are answered in order; unknown ones are ignored."""
+        if nonce is None:
+            return
+        for index, (sent_nonce, mark) in enumerate(self.pings):
+            if sent_nonce == nonce:
+                for _ in range(index + 1):
+                    self.pings.popleft()
+                self.acked_bytes = max(self.acked_bytes, mark)
+                self.last_pong = time.monotonic()
+                return
+
+    def close(self, code: CloseCode) -> None:
+        """Stop writing to this socket and ask the server to close it with `code`."""
+        if self.closed:
+            return
+        self.closed = True
+        self.backlog.clear()
+        if self.writer is not None:
+            self.writer.cancel()
+            self.writer = None
+        coro = self._send({"type": "websocket.close", "code": int(code)})
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            return
+        # Uvicorn parks the close too when the peer is not reading; let it finish on its own.
+        asyncio.get_running_loop().create_task(self._finish_close(coro, yielded))
+
+    async def _finish_close(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await (asyncio.sleep(0) if yielded is None else yielded)
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    return
+
+
+class LocalRoom:
+    """A room with local members: who they are, and the batching state of its events."""
+
+    __slots__ = ("flush_handle", "id", "members", "pending", "pending_since", "quiet_at", "slug")
+
+    def __init__(self, room_id: int, slug: str) -> None:
+        self.id = room_id
+        self.slug = slug
+        self.members: set[Connection] = set()
+        self.pending: list[Frame] = []
+        self.pending_since = 0.0
+        # The batching window is open until this monotonic time; an event arriving after it
+        # goes out at once.
+        self.quiet_at = 0.0
+        self.flush_handle: asyncio.TimerHandle | None = None
+
+
+class Hub:
+    """One per process and event loop; see the module docstring."""
+
+    def __init__(self, layer: BaseChannelLayer) -> None:
+        self.layer = layer
+        self.channel: str | None = None
+        self.connections: set[Connection] = set()
+        self.rooms: dict[int, LocalRoom] = {}
+        self.window = settings.CHAT_BATCH_WINDOW_MS / 1000
+        self.presence = Presence(self)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = asyncio.Event()
+        self._starting = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started.is_set():
+            return
+        if self._starting:
+            await self._started.wait()
+            return
+        self._starting = True
+        loop = asyncio.get_running_loop()
+        try:
+            self.channel = await _layer_call("new_channel", self.layer.new_channel())
+            await _layer_call("group_add", self.layer.group_add(CONTROL_GROUP, self.channel))
+        except BaseException:
+            self._starting = False
+            raise
+        self._tasks.append(loop.create_task(self._receive_loop(), name="chat-hub-receive"))
+        self._tasks.append(loop.create_task(self._heartbeat_loop(), name="chat-hub-heartbeat"))
+        self._tasks.append(loop.create_task(self.presence.run(), name="chat-hub-presence"))
+        self._started.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.presence.close()
+
+    # --- sockets -----------------------------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        metrics.SOCKETS_OPEN.set(len(self.connections))
+
+    async def unregister(self, conn: Connection) -> None:
+        conn.closed = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+            conn.writer = None
+        for room_id in list(conn.rooms | conn.joining.keys()):
+            await self.leave(conn, room_id)
+        self.connections.discard(conn)
+        metrics.SOCKETS_OPEN.set(len(self.connections))
+
+    async def join(self, conn: Connection, room_id: int, slug: str) -> None:
+        """Start a join: subscribe the process if needed and hold the room's events for conn.
+
+        Call `join_complete` once `joined` is sent. Subscribing happens before the caller reads
+        history, so nothing posted in between can be missed.
+        """
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = LocalRoom(room_id, slug)
+            metrics.ROOMS_LOCAL.set(len(self.rooms))
+            if self.channel is not None:
+                try:
+                    await _layer_call(
+                        "group_add", self.layer.group_add(room_group(room_id), self.channel)
+                    )
+                except Exception:
+                    if not room.members and not self._joining_any(room_id):
+                        self.rooms.pop(room_id, None)
+                    raise
+        conn.joining[room_id] = []
+        if conn in room.members:
+            return  # a re-join (resync): hold events again, membership stays
+        room.members.add(conn)
+        conn.rooms.add(room_id)
+        self.presence.joined(room, conn)
+
+    def join_complete(self, conn: Connection, room_id: int, last_id: int) -> None:
+        """Release the events held during the join, minus what `joined.history` already had."""
+        held = conn.joining.pop(room_id, None)
+        if not held or conn.closed:
+            return
+        fresh = [f for f in held if not (f.get("type") == "message" and f["id"] <= last_id)]
+        if fresh:
+            conn.send_frame(fresh[0] if len(fresh) == 1 else protocol.batch(fresh))
+
+    async def leave(self, conn: Connection, room_id: int) -> None:
+        conn.joining.pop(room_id, None)
+        conn.rooms.discard(room_id)
+        room = self.rooms.get(room_id)
+        if room is None or conn not in room.members:
+            return
+        room.members.discard(conn)
+        self.presence.left(room, conn)
+        if not room.members:
+            del self.rooms[room_id]
+            metrics.ROOMS_LOCAL.set(len(self.rooms))
+            if room.flush_handle is not None:
+                room.flush_handle.cancel()
+            if self.channel is not None:
+                with contextlib.suppress(Exception):
+                    await _layer_call(
+                        "group_discard",
+                        self.layer.group_discard(room_group(room_id), self.channel),
+                    )
+
+    def _joining_any(self, room_id: int) -> bool:
+        return any(room_id in conn.joining for conn in self.connections)
+
+    def touch(self, conn: Connection) -> None:
+        conn.last_activity = time.monotonic()
+
+    async def _receive_loop(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                event = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                metrics.LAYER_ERRORS.labels("receive").inc()
+                logger.exception("hub: channel layer receive failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                kind = event.get("type")
+                if kind == EVENT_TYPE:
+                    self._on_room_event(event)
+                elif kind == CONTROL_TYPE:
+                    self._on_control(event)
+            except Exception:
+                logger.exception("hub: failed to handle %r", event.get("type"))
+
+    # --- fan-out -----------------------------------------------------------------------------
+
+    def _on_room_event(self, event: dict[str, Any]) -> None:
+        room = self.rooms.get(event["room"])
+        if room is None:
+            return
+        frame = event["frame"]
+        now = time.monotonic()
+        if self.window <= 0:
+            self._deliver(room, [frame], event["at"])
+            return
+        if room.pending:
+            room.pending.append(frame)
+            return
+        if now >= room.quiet_at:
+            # A quiet room pays no batching delay: the first event goes out at once and opens
+            # a window that collects whatever follows it.
+            room.quiet_at = now + self.window
+            self._deliver(room, [frame], event["at"])
+            return
+        room.pending.append(frame)
+        room.pending_since = event["at"]
+        room.flush_handle = asyncio.get_running_loop().call_at(room.quiet_at, self._flush, room)
+
+    def _flush(self, room: LocalRoom) -> None:
+        room.flush_handle = None
+        if not room.pending or self.rooms.get(room.id) is not room:
+            room.pending = []
+            return
+        frames, room.pending = room.pending, []
+        room.quiet_at = time.monotonic() + self.window
+        self._deliver(room, frames, room.pending_since)
+
+    def _deliver(self, room: LocalRoom, frames: list[Frame], accepted_at: float) -> None:
+        """Write one flush of room events to every local member. The hot loop."""
+        encoded = Encoded(frames[0] if len(frames) == 1 else protocol.batch(frames))
+        typers = {f["user"] for f in frames if f["type"] == "typing"}
+        droppable = len(typers) == len(frames)  # nothing but typing: sheddable
+        shed_at = settings.CHAT_OUTBOUND_SHED_BYTES
+        limit = settings.CHAT_OUTBOUND_LIMIT_BYTES
+        variants: dict[str, Encoded | None] = {}
+        written = shed = 0
+        for conn in tuple(room.members):
+            if conn.joining and room.id in conn.joining:
+                conn.joining[room.id].extend(frames)
+                continue
+            shared = encoded
+            name = conn.username
+            if typers and name is not None and name in typers:
+                # Typing goes to the others: the typer gets the flush without their own.
+                if name not in variants:
+                    variants[name] = _without_typing(frames, name)
+                variant = variants[name]
+                if variant is None:
+                    continue
+                shared = variant
+            if droppable and conn.sent_bytes - conn.acked_bytes > shed_at:
+                shed += 1
+                continue
+            fmt = conn.fmt
+            if not conn.write(shared.event(fmt), shared.size(fmt)):
+                continue
+            written += 1
+            if conn.sent_bytes - conn.acked_bytes > limit:
+                metrics.DROPPED.labels("slow_consumer").inc()
+                conn.close(CloseCode.SLOW_CONSUMER)
+                room.members.discard(conn)
+            elif conn.sent_bytes >= conn.next_flow_ping:
+                conn.ping()
+        if written:
+            metrics.DELIVERIES.inc(written * len(frames))
+            metrics.FRAMES_OUT.labels("batch" if len(frames) > 1 else frames[0]["type"]).inc(
+                written
+            )
+            metrics.BATCH_SIZE.observe(len(frames))
+            metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - accepted_at))
+        if shed:
+            metrics.DROPPED.labels("typing_shed").inc(shed)
+
+    def deliver_local(self, room_id: int, frame: Frame) -> None:
+        """Write a frame to this process's members of a room now (presence updates)."""
+        room = self.rooms.get(room_id)
+        if room is not None:
+            self._deliver(room, [frame], time.time())
+
+    # --- control -----------------------------------------------------------------------------
+
+    def _on_control(self, event: dict[str, Any]) -> None:
+        action = event.get("action")
+        if action == "close_user":
+            code = CloseCode(event["code"])
+            for conn in tuple(self.connections):
+                if conn.user_id == event["user_id"]:
+                    conn.close(code)
+
+    # --- heartbeat ---------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = settings.CHAT_HEARTBEAT_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.heartbeat()
+            except Exception:
+                logger.exception("hub: heartbeat pass failed")
+
+    def heartbeat(self) -> None:
+        """Close sockets that stopped answering pings; ping the others."""
+        now = time.monotonic()
+        timeout = settings.CHAT_HEARTBEAT_TIMEOUT
+        for conn in tuple(self.connections):
+            if conn.closed:
+                continue
+            if now - conn.last_pong > timeout:
+                metrics.DROPPED.labels("heartbeat_timeout").inc()
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT)
+                for room_id in conn.rooms:
+                    room = self.rooms.get(room_id)
+                    if room is not None:
+                        room.members.discard(conn)
+            else:
+                conn.ping()
+
+
+async def _layer_call(op: str, call: Awaitable[Any]) -> Any:
+    """Await a channel-layer call with the Redis timeout: a broken Redis never hangs a caller."""
+    try:
+        async with asyncio.timeout(settings.CHAT_REDIS_TIMEOUT):
+            return await call
+    except Exception:
+        metrics.LAYER_ERRORS.labels(op).inc()
+        raise
+
+
+async def publish(room_id: int, frame: Frame) -> None:
+    """Send one room event to every member on every process: one group_send.
+
+    Local members get it through the layer too, so every socket of a room, on every
+    process, sees the room's events in the same order (the order Redis published them).
+    Raises if the layer cannot take it within CHAT_REDIS_TIMEOUT.
+    """
+    layer = get_channel_layer()
+    assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
+    event = {"type": EVENT_TYPE, "room": room_id, "frame": frame, "at": time.time()}
+    await _layer_call("group_send", layer.group_send(room_group(room_id), event))
+
+
+async def control(action: str, **payload: Any) -> None:
+    """Send a control event to every process's hub (moderation acting on open sockets)."""
+    layer = get_channel_layer()
+    assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
+    event = {"type": CONTROL_TYPE, "action": action, **payload}
+    await _layer_call("group_send", layer.group_send(CONTROL_GROUP, event))
+
+
+def _without_typing(frames: list[Frame], username: str) -> Encoded | None:
+    kept = [f for f in frames if not (f["type"] == "typing" and f["user"] == username)]
+    if not kept:
+        return None
+    return Encoded(kept[0] if len(kept) == 1 else protocol.batch(kept))
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+async def get_hub() -> Hub:
+    """The running loop's hub, created and started on first use."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        layer = get_channel_layer()
+        assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
+        hub = _hubs[loop] = Hub(layer)
+    await hub.start()
+    return hub
+
+
+def current_hub() -> Hub | None:
+    """The running loop's hub if one was started, without creating one."""
+    try:
+        return _hubs.get(asyncio.get_running_loop())
+    except RuntimeError:
+        return None

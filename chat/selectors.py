@@ -1,0 +1,122 @@
+"""Reads: rooms, history pages and `since` recovery, as wire-ready message frames.
+
+Synchronous ORM code; consumers call it through database_sync_to_async. Every query
+here is served by the (room, id) index on Message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db.models import Q, QuerySet
+
+from chat import protocol
+from chat.models import Message, Room
+
+_MESSAGE_FIELDS = ("id", "author__username", "body", "created", "client_id")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    """What the socket layer needs to know about a room to let someone in."""
+
+    id: int
+    slug: str
+    title: str
+    is_public: bool
+    archived: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    messages: list[protocol.Frame]
+    more: bool
+
+
+def to_ms(moment: datetime) -> int:
+    """Wire timestamps are integer milliseconds since the epoch, UTC."""
+    return int(moment.timestamp() * 1000)
+
+
+def _frames(
+    room_slug: str, rows: list[tuple[int, str, str, datetime, str | None]]
+) -> list[protocol.Frame]:
+    return [
+        protocol.message(
+            room=room_slug, id=pk, user=user, body=body, ts=to_ms(created), client_id=client_id
+        )
+        for pk, user, body, created, client_id in rows
+    ]
+
+
+def room_get(*, slug: str) -> RoomInfo | None:
+    row = (
+        Room.objects.filter(slug=slug)
+        .values_list("id", "slug", "title", "is_public", "archived")
+        .first()
+    )
+    return RoomInfo(*row) if row else None
+
+
+def room_is_member(*, room_id: int, user_id: int) -> bool:
+    return Room.members.through.objects.filter(room_id=room_id, user_id=user_id).exists()
+
+
+def room_list_visible(*, user_id: int | None) -> list[RoomInfo]:
+    """Rooms a user may join: every public one plus the members-only rooms they belong to."""
+    rooms = Room.objects.filter(archived=False)
+    visible = Q(is_public=True)
+    if user_id is not None:
+        visible |= Q(members__id=user_id)
+    rows = (
+        rooms.filter(visible)
+        .distinct()
+        .order_by("slug")
+        .values_list("id", "slug", "title", "is_public", "archived")
+    )
+    return [RoomInfo(*row) for row in rows]
+
+
+def _live(room_id: int) -> QuerySet[Message]:
+    return Message.objects.filter(room_id=room_id, deleted_at__isnull=True)
+
+
+def message_recent(*, room: RoomInfo, limit: int | None = None) -> HistoryPage:
+    """The newest `limit` messages, oldest first; `more` says whether older ones exist."""
+    limit = settings.CHAT_HISTORY_LIMIT if limit is None else limit
+    return message_page(room=room, before=None, limit=limit)
+
+
+def message_page(*, room: RoomInfo, before: int | None, limit: int) -> HistoryPage:
+    """Up to `limit` messages older than `before` (or the newest), oldest first."""
+    if limit <= 0:
+        return HistoryPage(messages=[], more=_live(room.id).exists())
+    queryset = _live(room.id)
+    if before is not None:
+        queryset = queryset.filter(id__lt=before)
+    rows = list(queryset.order_by("-id").values_list(*_MESSAGE_FIELDS)[: limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    rows.reverse()
+    return HistoryPage(messages=_frames(room.slug, rows), more=more)
+
+
+def message_since(*, room: RoomInfo, since: int) -> tuple[list[protocol.Frame], bool]:
+    """Every message after `since`, oldest first, up to the recovery limit.
+
+    Returns the frames and whether messages were skipped: past the limit the newest ones
+    are returned and the client pages back through `history` for the rest.
+    """
+    limit = settings.CHAT_RECOVERY_LIMIT
+    rows = list(
+        _live(room.id)
+        .filter(id__gt=since)
+        .order_by("-id")
+        .values_list(*_MESSAGE_FIELDS)[: limit + 1]
+    )
+    gap = len(rows) > limit
+    rows = rows[:limit]
+    rows.reverse()
+    return _frames(room.slug, rows), gap

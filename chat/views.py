@@ -1,0 +1,70 @@
+"""HTTP views: the chat pages and the socket-token API. Thin: one selector or service each."""
+
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.contrib.auth import authenticate
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from chat import selectors
+from chat.auth import token_issue
+
+
+def _user_id(request: HttpRequest) -> int | None:
+    return request.user.pk if request.user.is_authenticated else None
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    rooms = selectors.room_list_visible(user_id=_user_id(request))
+    return render(request, "chat/index.html", {"rooms": rooms})
+
+
+@require_GET
+def room(request: HttpRequest, slug: str) -> HttpResponse:
+    info = selectors.room_get(slug=slug)
+    visible = {r.slug for r in selectors.room_list_visible(user_id=_user_id(request))}
+    if info is None or info.slug not in visible:
+        raise Http404("no such room")
+    return render(
+        request,
+        "chat/room.html",
+        {"room": info, "max_body": settings.CHAT_MAX_MESSAGE_LENGTH},
+    )
+
+
+def _error(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"error": code, "detail": detail}, status=status)
+
+
+@csrf_exempt  # credentials in the body, no cookie is trusted here
+@require_POST
+def token(request: HttpRequest) -> JsonResponse:
+    """POST username and password (JSON or form) -> a signed socket token."""
+    if request.content_type == "application/json":
+        try:
+            payload = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "bad_request", "the body is not valid JSON")
+        if not isinstance(payload, dict):
+            return _error(400, "bad_request", "the body must be a JSON object")
+    else:
+        payload = request.POST.dict()
+    username, password = payload.get("username"), payload.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username:
+        return _error(400, "bad_request", "username and password are required strings")
+    user = authenticate(request, username=username, password=password)
+    if user is None or not user.is_active:
+        return _error(401, "invalid_credentials", "wrong username or password")
+    return JsonResponse(
+        {
+            "token": token_issue(user_id=user.pk, username=user.get_username()),
+            "user": user.get_username(),
+            "expires_in": settings.CHAT_TOKEN_MAX_AGE,
+        }
+    )

@@ -1,0 +1,43 @@
+"""Every chat metric, defined once. Prometheus naming; no per-user, per-room or per-message labels.
+
+The fan-out path increments counters once per flush (by the number of sockets written),
+never once per socket, so metrics stay off the per-delivery cost.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SOCKETS_OPEN = Gauge("chat_sockets_open", "WebSocket connections open in this process.")
+ROOMS_LOCAL = Gauge("chat_rooms_local", "Rooms with at least one member in this process.")
+
+CONNECTS = Counter("chat_connects_total", "Sockets accepted.")
+DISCONNECTS = Counter(
+    "chat_disconnects_total", "Sockets closed, by WebSocket close code.", ["code"]
+)
+REJECTED = Counter("chat_handshakes_rejected_total", "Handshakes refused, by reason.", ["reason"])
+
+FRAMES_IN = Counter("chat_frames_in_total", "Client frames received, by type.", ["type"])
+FRAMES_OUT = Counter(
+    "chat_frames_out_total", "Frames written to sockets by the fan-out, by type.", ["type"]
+)
+ERRORS_SENT = Counter("chat_errors_sent_total", "Error frames sent, by code.", ["code"])
+
+MESSAGES_POSTED = Counter("chat_messages_posted_total", "Chat messages stored and published.")
+DELIVERIES = Counter("chat_deliveries_total", "Room events written to local sockets.")
+BATCH_SIZE = Histogram(
+    "chat_batch_events",
+    "Events per fan-out flush of one room.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
+)
+DELIVERY_LATENCY = Histogram(
+    "chat_delivery_latency_seconds",
+    "From the server accepting a message to its frame being written, per flush.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+DROPPED = Counter(
+    "chat_events_dropped_total", "Events not delivered to a socket, by reason.", ["reason"]
+)
+LAYER_ERRORS = Counter(
+    "chat_layer_errors_total", "Channel-layer or Redis calls that failed or timed out.", ["op"]
+)
