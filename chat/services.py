@@ -41,17 +41,25 @@ class PostResult:
     duplicate: bool
 
 
-# Control characters other than newline and tab never reach storage.
+# Control characters other than newline and tab never reach storage, nor do the bidi
+# controls that can make a message render as something other than what was typed.
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def _kept(ch: str) -> bool:
+    if ch in "\n\t":
+        return True
+    return ch not in _BIDI_CONTROLS and unicodedata.category(ch) not in _DROPPED_CATEGORIES
 
 
 def text_normalize(body: str) -> str:
-    """NFC, without control, surrogate, private-use or unassigned code points, trimmed."""
+    """NFC and trimmed, without controls, bidi controls, surrogates, private-use or
+    unassigned code points."""
     body = unicodedata.normalize("NFC", body)
-    body = "".join(
-        ch for ch in body if ch in "\n\t" or unicodedata.category(ch) not in _DROPPED_CATEGORIES
-    )
-    return body.strip()
+    return "".join(ch for ch in body if _kept(ch)).strip()
 
 
 def room_enter(*, slug: str, user_id: int | None) -> RoomInfo:

@@ -142,6 +142,9 @@ class ServerProcess:
         os.close(fd)
         self.log_path = Path(name)
         env = {**os.environ, **self.env}
+        # Test processes may relax Django's async-safety check for their own setup code; the
+        # server under test never does.
+        env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 self.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT

@@ -1,0 +1,448 @@
+"""The chat socket through the real ASGI application, in process (in-memory layer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import msgpack
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.sessions.backends.db import SessionStore
+
+from chat.models import Message
+from esports_chat.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
+
+
+class Sock:
+    """A WebsocketCommunicator that speaks the chat protocol like a well-behaved client."""
+
+    def __init__(self, communicator: WebsocketCommunicator, fmt: str) -> None:
+        self.c = communicator
+        self.fmt = fmt
+        self.subprotocol: str | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        token: str | None = None,
+        fmt: str = "json",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        expect_hello: bool = True,
+    ) -> Sock:
+        path = "/ws/chat/" + (f"?token={token}" if token else "")
+        subprotocols = ["chat.msgpack"] if fmt == "msgpack" else ["chat.json"]
+        communicator = WebsocketCommunicator(
+            application,
+            path,
+            headers=ORIGIN if headers is None else headers,
+            subprotocols=subprotocols,
+        )
+        connected, subprotocol = await communicator.connect()
+        assert connected, "handshake refused"
+        sock = cls(communicator, fmt)
+        sock.subprotocol = subprotocol if isinstance(subprotocol, str) else None
+        if expect_hello:
+            assert (await sock.recv())["type"] == "hello"
+        return sock
+
+    async def send(self, frame: Any) -> None:
+        if self.fmt == "msgpack":
+            await self.c.send_to(bytes_data=msgpack.packb(frame))
+        else:
+            await self.c.send_to(text_data=json.dumps(frame))
+
+    async def recv_raw(self, timeout: float = 3) -> dict[str, Any]:
+        return await self.c.receive_output(timeout)
+
+    async def recv(self, timeout: float = 3) -> dict[str, Any]:
+        while True:
+            out = await self.c.receive_output(timeout)
+            assert out["type"] == "websocket.send", out
+            if self.fmt == "msgpack":
+                assert out.get("bytes") is not None, "msgpack sockets get binary frames"
+                frame = msgpack.unpackb(out["bytes"])
+            else:
+                assert out.get("text") is not None, "json sockets get text frames"
+                frame = json.loads(out["text"])
+            if frame["type"] == "ping":
+                await self.send({"type": "pong", "n": frame["n"]})
+                continue
+            return frame
+
+    async def events(self, timeout: float = 3) -> list[dict[str, Any]]:
+        frame = await self.recv(timeout)
+        return frame["messages"] if frame["type"] == "batch" else [frame]
+
+    async def expect(self, kind: str, timeout: float = 3) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for frame in await self.events(max(0.01, deadline - loop.time())):
+                if frame["type"] == kind:
+                    return frame
+
+    async def gather(self, *kinds: str, timeout: float = 3) -> dict[str, dict[str, Any]]:
+        """The first frame of each kind, in whatever order they come."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < len(kinds):
+            for frame in await self.events(max(0.01, deadline - loop.time())):
+                if frame["type"] in kinds:
+                    found.setdefault(frame["type"], frame)
+        return found
+
+    async def join(self, room: str, **extra: Any) -> dict[str, Any]:
+        await self.send({"type": "join", "room": room, **extra})
+        return await self.expect("joined")
+
+    async def nothing(self) -> bool:
+        return await self.c.receive_nothing(0.2)
+
+    async def close(self) -> None:
+        await self.c.disconnect()
+
+
+@pytest.fixture
+def room(make_room: Any) -> Any:
+    return make_room("arena")
+
+
+async def test_hello_names_the_user_and_the_limits(make_user: Any) -> None:
+    """The first frame says who the socket is and what the limits are."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token, expect_hello=False)
+    hello = await sock.recv()
+    assert hello["type"] == "hello"
+    assert hello["user"] == "alice"
+    assert hello["limits"] == {"body": 500, "frame": 65536}
+    await sock.close()
+
+
+async def test_post_is_acked_and_broadcast_to_every_member_including_sender(
+    make_user: Any, room: Any
+) -> None:
+    """A message reaches every member, the sender too, and the sender gets an ack."""
+    _, t1 = await database_sync_to_async(make_user)("alice")
+    _, t2 = await database_sync_to_async(make_user)("bob")
+    alice, bob = await Sock.open(token=t1), await Sock.open(token=t2)
+    await alice.join("arena")
+    await bob.join("arena")
+    await alice.send({"type": "message", "room": "arena", "body": "glhf", "client_id": "c1"})
+    got = await alice.gather("ack", "message")
+    ack, mine = got["ack"], got["message"]
+    theirs = await bob.expect("message")
+    assert ack["client_id"] == "c1" and ack["duplicate"] is False
+    assert mine == theirs
+    assert theirs["id"] == ack["id"] and theirs["user"] == "alice" and theirs["body"] == "glhf"
+    assert theirs["client_id"] == "c1" and theirs["ts"] == ack["ts"]
+    await alice.close()
+    await bob.close()
+
+
+async def test_join_returns_recent_history_oldest_first(make_user: Any, room: Any) -> None:
+    """Joining shows the newest messages, oldest first, with the default limit."""
+    user, token = await database_sync_to_async(make_user)("alice")
+
+    def post_many() -> None:
+        from django.utils import timezone
+
+        Message.objects.bulk_create(
+            Message(room=room, author=user, body=f"m{i}", created=timezone.now()) for i in range(60)
+        )
+
+    await database_sync_to_async(post_many)()
+    sock = await Sock.open(token=token)
+    joined = await sock.join("arena")
+    bodies = [m["body"] for m in joined["history"]]
+    assert bodies == [f"m{i}" for i in range(10, 60)]
+    assert joined["gap"] is False and joined["title"] == "Arena"
+    await sock.close()
+
+
+async def test_since_returns_exactly_the_messages_after_it(make_user: Any, room: Any) -> None:
+    """A reconnecting client gets exactly what it missed, nothing it had."""
+    _, t1 = await database_sync_to_async(make_user)("alice")
+    writer = await Sock.open(token=t1)
+    await writer.join("arena")
+    ids = []
+    for i in range(5):
+        await writer.send({"type": "message", "room": "arena", "body": f"b{i}"})
+        ids.append((await writer.expect("ack"))["id"])
+    reader = await Sock.open(token=t1)
+    joined = await reader.join("arena", since=ids[1])
+    assert [m["id"] for m in joined["history"]] == ids[2:]
+    again = await reader.join("arena", since=ids[-1])
+    assert again["history"] == []
+    await writer.close()
+    await reader.close()
+
+
+async def test_json_and_msgpack_clients_share_a_room(make_user: Any, room: Any) -> None:
+    """msgpack is chosen when offered, and both formats carry the same frames."""
+    _, t1 = await database_sync_to_async(make_user)("alice")
+    _, t2 = await database_sync_to_async(make_user)("bob")
+    text = await Sock.open(token=t1)
+    binary = await Sock.open(token=t2, fmt="msgpack")
+    assert binary.subprotocol == "chat.msgpack" and text.subprotocol == "chat.json"
+    await text.join("arena")
+    await binary.join("arena")
+    await binary.send({"type": "message", "room": "arena", "body": "from msgpack"})
+    assert (await text.expect("message"))["body"] == "from msgpack"
+    await text.send({"type": "message", "room": "arena", "body": "from json"})
+    got: list[str] = []
+    while len(got) < 2:
+        got += [f["body"] for f in await binary.events() if f["type"] == "message"]
+    assert got == ["from msgpack", "from json"]
+    await text.close()
+    await binary.close()
+
+
+async def test_resent_client_id_gets_the_original_ack_and_no_second_post(
+    make_user: Any, room: Any
+) -> None:
+    """The outbox can resend safely: the server deduplicates by user and client_id."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token)
+    await sock.join("arena")
+    frame = {"type": "message", "room": "arena", "body": "once", "client_id": "k1"}
+    await sock.send(frame)
+    first = (await sock.gather("ack", "message"))["ack"]
+    await sock.send(frame)
+    second = await sock.expect("ack")
+    assert second["id"] == first["id"] and second["duplicate"] is True
+    assert await sock.nothing()
+    assert await database_sync_to_async(Message.objects.filter(client_id="k1").count)() == 1
+    await sock.close()
+
+
+async def test_typing_reaches_the_others_but_not_the_typer(make_user: Any, room: Any) -> None:
+    """Typing is relayed to other members, never echoed, never stored."""
+    _, t1 = await database_sync_to_async(make_user)("alice")
+    _, t2 = await database_sync_to_async(make_user)("bob")
+    alice, bob = await Sock.open(token=t1), await Sock.open(token=t2)
+    await alice.join("arena")
+    await bob.join("arena")
+    await alice.send({"type": "typing", "room": "arena"})
+    assert await bob.expect("typing") == {"type": "typing", "room": "arena", "user": "alice"}
+    assert await alice.nothing()
+    assert await database_sync_to_async(Message.objects.count)() == 0
+    await alice.close()
+    await bob.close()
+
+
+async def test_history_pages_back(make_user: Any, room: Any) -> None:
+    """`history` returns the page before a given id and says whether more exist."""
+    user, token = await database_sync_to_async(make_user)("alice")
+
+    def post_many() -> list[int]:
+        from django.utils import timezone
+
+        made = Message.objects.bulk_create(
+            Message(room=room, author=user, body=f"m{i}", created=timezone.now()) for i in range(60)
+        )
+        return sorted(m.pk for m in Message.objects.filter(pk__in=[m.pk for m in made]))
+
+    await database_sync_to_async(post_many)()
+    sock = await Sock.open(token=token)
+    joined = await sock.join("arena")
+    oldest = joined["history"][0]["id"]
+    assert joined["history"][0]["body"] == "m10"
+    await sock.send({"type": "history", "room": "arena", "before": oldest, "limit": 6})
+    page = await sock.expect("history")
+    assert [m["body"] for m in page["messages"]] == [f"m{i}" for i in range(4, 10)]
+    assert page["more"] is True
+    await sock.send({"type": "history", "room": "arena", "before": page["messages"][0]["id"]})
+    last = await sock.expect("history")
+    assert [m["body"] for m in last["messages"]] == [f"m{i}" for i in range(4)]
+    assert last["more"] is False
+    await sock.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("this is not json", "bad_frame"),
+        ({"type": "dance"}, "bad_frame"),
+        ({"type": "join"}, "bad_frame"),
+        ({"type": "join", "room": "nowhere"}, "unknown_room"),
+        ({"type": "message", "room": "arena", "body": "hi"}, "not_joined"),
+        ({"type": "history", "room": "arena"}, "not_joined"),
+        ({"type": "leave", "room": "arena"}, "not_joined"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_socket_lives_on(
+    make_user: Any, room: Any, frame: Any, code: str
+) -> None:
+    """Each bad input gets its documented error code, then the socket still works."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token)
+    if isinstance(frame, str):
+        await sock.c.send_to(text_data=frame)
+    else:
+        await sock.send(frame)
+    error = await sock.expect("error")
+    assert error["code"] == code
+    await sock.send({"type": "ping", "n": 5})
+    assert await sock.expect("pong") == {"type": "pong", "n": 5}
+    await sock.close()
+
+
+async def test_too_long_and_empty_bodies_are_refused(make_user: Any, room: Any) -> None:
+    """Bodies past the limit get too_long with the limit; blank bodies get empty."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token)
+    await sock.join("arena")
+    await sock.send({"type": "message", "room": "arena", "body": "x" * 501, "client_id": "c"})
+    error = await sock.expect("error")
+    assert (error["code"], error["ref"], error["limit"]) == ("too_long", "c", 500)
+    await sock.send({"type": "message", "room": "arena", "body": " \u200e\n "})
+    assert (await sock.expect("error"))["code"] in {"empty"}
+    assert await database_sync_to_async(Message.objects.count)() == 0
+    await sock.close()
+
+
+async def test_msgpack_garbage_gets_bad_frame(make_user: Any) -> None:
+    """Undecodable binary input on a msgpack socket is answered, not fatal."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token, fmt="msgpack")
+    await sock.c.send_to(bytes_data=b"\xc1\xff\x00")
+    assert (await sock.expect("error"))["code"] == "bad_frame"
+    await sock.send({"type": "ping"})
+    assert (await sock.expect("pong"))["type"] == "pong"
+    await sock.close()
+
+
+async def test_oversized_frame_closes_with_1009(make_user: Any) -> None:
+    """A frame over the size limit closes the socket with 1009 (message too big)."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    sock = await Sock.open(token=token)
+    await sock.c.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * 70_000}))
+    out = await sock.recv_raw()
+    assert out == {"type": "websocket.close", "code": 1009}
+
+
+async def test_anonymous_reads_public_rooms_but_cannot_post(room: Any) -> None:
+    """A visitor without an account may join a public room and gets auth_required on posting."""
+    sock = await Sock.open()  # same-origin page, no session
+    hello_user = None
+    joined = await sock.join("arena")
+    assert joined["room"] == "arena"
+    await sock.send({"type": "message", "room": "arena", "body": "hi"})
+    assert (await sock.expect("error"))["code"] == "auth_required"
+    await sock.send({"type": "typing", "room": "arena"})
+    assert (await sock.expect("error"))["code"] == "auth_required"
+    assert hello_user is None
+    await sock.close()
+
+
+async def test_members_only_room_refuses_outsiders(make_user: Any, make_room: Any) -> None:
+    """Members-only rooms: members join, others get forbidden, visitors auth_required."""
+    member, t1 = await database_sync_to_async(make_user)("alice")
+    _, t2 = await database_sync_to_async(make_user)("bob")
+
+    def make() -> None:
+        private = make_room("team", is_public=False)
+        private.members.add(member)
+
+    await database_sync_to_async(make)()
+    alice, bob, visitor = await Sock.open(token=t1), await Sock.open(token=t2), await Sock.open()
+    assert (await alice.join("team"))["room"] == "team"
+    await bob.send({"type": "join", "room": "team"})
+    assert (await bob.expect("error"))["code"] == "forbidden"
+    await visitor.send({"type": "join", "room": "team"})
+    assert (await visitor.expect("error"))["code"] == "auth_required"
+    for s in (alice, bob, visitor):
+        await s.close()
+
+
+async def test_session_cookie_authenticates_a_same_origin_socket(make_user: Any) -> None:
+    """A logged-in page's socket is that user, via the session cookie."""
+    user, _ = await database_sync_to_async(make_user)("alice")
+
+    def session_key() -> str:
+        store = SessionStore()
+        store["_auth_user_id"] = str(user.pk)
+        store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+        store["_auth_user_hash"] = user.get_session_auth_hash()
+        store.create()
+        return str(store.session_key)
+
+    key = await database_sync_to_async(session_key)()
+    headers = [*ORIGIN, (b"cookie", f"sessionid={key}".encode())]
+    sock = await Sock.open(headers=headers, expect_hello=False)
+    assert (await sock.recv())["user"] == "alice"
+    await sock.close()
+
+
+async def test_foreign_origin_is_refused_at_the_handshake() -> None:
+    """A page on another site cannot open a socket here (cross-site socket hijacking)."""
+    communicator = WebsocketCommunicator(
+        application,
+        "/ws/chat/",
+        headers=[(b"origin", b"http://evil.example"), (b"host", b"testserver")],
+    )
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_cookie_without_origin_is_refused(make_user: Any) -> None:
+    """With no Origin a socket needs a token: a session cookie alone is not enough."""
+    communicator = WebsocketCommunicator(
+        application, "/ws/chat/", headers=[(b"host", b"testserver"), (b"cookie", b"sessionid=x")]
+    )
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_token_without_origin_is_accepted(make_user: Any) -> None:
+    """Native clients and bots send no Origin and connect with a token."""
+    _, token = await database_sync_to_async(make_user)("bot")
+    sock = await Sock.open(token=token, headers=[(b"host", b"testserver")], expect_hello=False)
+    assert (await sock.recv())["user"] == "bot"
+    await sock.close()
+
+
+@pytest.mark.parametrize("token", ["forged", "eyJ1IjoxLCJuIjoiYWxpY2UifQ:1vA:bad"])
+async def test_bad_token_gets_an_error_and_close_4001(token: str) -> None:
+    """Forged or malformed tokens are told why and closed with 4001 (do not reconnect)."""
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}")
+    connected, _ = await communicator.connect()
+    assert connected
+    error = json.loads((await communicator.receive_output(2))["text"])
+    assert error["type"] == "error" and error["code"] == "auth_required"
+    assert await communicator.receive_output(2) == {"type": "websocket.close", "code": 4001}
+
+
+async def test_expired_token_is_refused(make_user: Any, settings: Any) -> None:
+    """Tokens expire after CHAT_TOKEN_MAX_AGE."""
+    _, token = await database_sync_to_async(make_user)("alice")
+    settings.CHAT_TOKEN_MAX_AGE = -1
+    communicator = WebsocketCommunicator(application, f"/ws/chat/?token={token}")
+    await communicator.connect()
+    await communicator.receive_output(2)
+    assert await communicator.receive_output(2) == {"type": "websocket.close", "code": 4001}
+
+
+async def test_leave_stops_deliveries(make_user: Any, room: Any) -> None:
+    """After `left`, the room's events no longer reach the socket."""
+    _, t1 = await database_sync_to_async(make_user)("alice")
+    _, t2 = await database_sync_to_async(make_user)("bob")
+    alice, bob = await Sock.open(token=t1), await Sock.open(token=t2)
+    await alice.join("arena")
+    await bob.join("arena")
+    await bob.send({"type": "leave", "room": "arena"})
+    assert await bob.expect("left") == {"type": "left", "room": "arena"}
+    await alice.send({"type": "message", "room": "arena", "body": "anyone?"})
+    await alice.gather("ack", "message")
+    assert await bob.nothing()
+    await alice.close()
+    await bob.close()
