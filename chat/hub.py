@@ -555,6 +555,11 @@ async def get_hub() -> Hub:
     return hub
 
 
+def all_hubs() -> list[Hub]:
+    """Every hub in this process (one per event loop; in practice one)."""
+    return list(_hubs.values())
+
+
 def current_hub() -> Hub | None:
     """The running loop's hub if one was started, without creating one."""
     try:

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _presence_key(room_id: int) -> str:
+    return f"{settings.CHAT_LAYER_PREFIX}:presence:{room_id}"
+
+
 def _member_key(conn: Connection) -> str:
     return f"u{conn.user_id}" if conn.user_id is not None else f"a{conn.id}"
 
@@ -59,7 +63,7 @@ class Presence:
             )
 
     def _key(self, room_id: int) -> str:
-        return f"{settings.CHAT_LAYER_PREFIX}:presence:{room_id}"
+        return _presence_key(room_id)
 
     def _entry(self, member: str) -> str:
         return f"{member}@{self.process}"
@@ -181,3 +185,37 @@ class Presence:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
+
+
+def online_counts(room_ids: list[int]) -> dict[int, int]:
+    """Online counts for a page listing rooms (synchronous: HTTP views).
+
+    Reads Redis when configured; otherwise this process is the only one, and its hubs'
+    local counts are the counts. Falls back to zeros when Redis does not answer.
+    """
+    if not room_ids:
+        return {}
+    if not settings.REDIS_URL:
+        from chat.hub import all_hubs
+
+        hubs = all_hubs()
+        return {rid: sum(h.presence.local_count(rid) for h in hubs) for rid in room_ids}
+    import redis
+
+    client = redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=settings.CHAT_REDIS_TIMEOUT,
+        socket_connect_timeout=settings.CHAT_REDIS_TIMEOUT,
+    )
+    now = time.time()
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for room_id in room_ids:
+                pipe.zcount(_presence_key(room_id), now, "+inf")
+            counts = pipe.execute()
+    except Exception:
+        metrics.LAYER_ERRORS.labels("presence").inc()
+        return dict.fromkeys(room_ids, 0)
+    finally:
+        client.close()
+    return {rid: int(count) for rid, count in zip(room_ids, counts, strict=True)}

@@ -11,7 +11,7 @@ from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import selectors
+from chat import presence, selectors
 from chat.auth import token_issue
 
 
@@ -22,7 +22,9 @@ def _user_id(request: HttpRequest) -> int | None:
 @require_GET
 def index(request: HttpRequest) -> HttpResponse:
     rooms = selectors.room_list_visible(user_id=_user_id(request))
-    return render(request, "chat/index.html", {"rooms": rooms})
+    online = presence.online_counts([room.id for room in rooms])
+    listing = [{"room": room, "online": online.get(room.id, 0)} for room in rooms]
+    return render(request, "chat/index.html", {"rooms": listing})
 
 
 @require_GET
