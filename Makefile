@@ -28,7 +28,7 @@ run: migrate
 	$(BIN)/python manage.py seed_chat --demo
 	@echo "chat: http://$(HOST):$(PORT)/  admin: http://$(HOST):$(PORT)/admin/"
 	$(BIN)/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=4096 \
-		--websocket-max-message-size 65536 esports_chat.asgi:application
+		--websocket-max-message-size 262144 esports_chat.asgi:application
 
 ## The whole suite. Tests needing Redis start a throwaway redis-server (or use REDIS_URL).
 test: $(VENV)/.dev

@@ -92,7 +92,7 @@ class SocketGate:
         if scope["type"] != "websocket":
             return await self.inner(scope, receive, send)
         origin = _header(scope, b"origin")
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         token = query.get("token", [None])[0]
 
         if origin is not None and not origin_allowed(origin, _header(scope, b"host")):
@@ -120,7 +120,8 @@ async def _refuse(receive: Any, send: Any, reason: str) -> None:
     metrics.REJECTED.labels(reason).inc()
     message = await receive()
     if message["type"] == "websocket.connect":
-        await send({"type": "websocket.close", "code": int(protocol.CloseCode.POLICY_VIOLATION)})
+        # Before accept, any close becomes an HTTP 403 refusal of the handshake.
+        await send({"type": "websocket.close", "code": int(protocol.CloseCode.NORMAL)})
 
 
 async def _accept_and_close(

@@ -20,10 +20,10 @@ from django.conf import settings
 
 from chat import protocol, selectors, services
 from chat.auth import ANONYMOUS, Identity
+from chat.errors import ChatError
 from chat.hub import Connection, Hub, Send, get_hub
 from chat.protocol import CloseCode, ErrorCode, ProtocolError
 from chat.selectors import RoomInfo
-from chat.services import ChatError
 from monitoring import metrics
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class ChatConsumer(AsyncConsumer):
         self.identity = self._identity(scope)
         self.rooms: dict[str, RoomInfo] = {}
         self.typing_at: dict[int, float] = {}
+        self.moderator = False
+        self.window_start = 0.0
+        self.window_frames = 0
         try:
             while True:
                 await self.dispatch(await receive())
@@ -88,6 +91,27 @@ class ChatConsumer(AsyncConsumer):
             )
             await self.send_event({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN)})
             return
+        if self.identity.user_id is not None:
+            profile = await database_sync_to_async(selectors.user_socket_profile)(
+                user_id=self.identity.user_id
+            )
+            refusal: tuple[protocol.Frame, CloseCode] | None = None
+            if not profile.active:
+                refusal = (
+                    protocol.error(ErrorCode.AUTH_REQUIRED, "this account is disabled"),
+                    CloseCode.UNAUTHORIZED,
+                )
+            elif profile.banned is not None:
+                banned = services.banned_error(profile.banned)
+                refusal = (
+                    protocol.error(banned.code, banned.detail, **banned.extra),
+                    CloseCode.BANNED,
+                )
+            if refusal is not None:
+                await self.send_event(protocol.send_event(refusal[0], fmt))
+                await self.send_event({"type": "websocket.close", "code": int(refusal[1])})
+                return
+            self.moderator = profile.moderator
         self.conn = conn = Connection(
             self.send_event,
             fmt=fmt,
@@ -99,6 +123,7 @@ class ChatConsumer(AsyncConsumer):
         conn.send_frame(
             protocol.hello(
                 user=self.identity.username,
+                moderator=self.moderator,
                 connection=conn.id,
                 heartbeat_s=settings.CHAT_HEARTBEAT_INTERVAL,
                 max_body=settings.CHAT_MAX_MESSAGE_LENGTH,
@@ -118,9 +143,13 @@ class ChatConsumer(AsyncConsumer):
             size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
         if size > settings.CHAT_MAX_FRAME_BYTES:
             metrics.DROPPED.labels("frame_too_big").inc()
-            conn.close(CloseCode.MESSAGE_TOO_BIG)
+            conn.close(CloseCode.FRAME_TOO_BIG)
             return
         self.hub.touch(conn)
+        if self._flooding(conn.last_activity):
+            metrics.DROPPED.labels("flood").inc()
+            conn.close(CloseCode.FLOOD)
+            return
         try:
             frame = protocol.parse(data, conn.fmt)
         except ProtocolError as exc:
@@ -159,31 +188,44 @@ class ChatConsumer(AsyncConsumer):
     async def _join(self, conn: Connection, frame: protocol.Join) -> None:
         if frame.room not in self.rooms and len(self.rooms) >= settings.CHAT_MAX_ROOMS_PER_SOCKET:
             limit = settings.CHAT_MAX_ROOMS_PER_SOCKET
-            raise ChatError(ErrorCode.TOO_MANY_ROOMS, f"a socket can join at most {limit} rooms")
+            raise ChatError(
+                ErrorCode.TOO_MANY_ROOMS, f"a socket can join at most {limit} rooms", limit=limit
+            )
         room = await database_sync_to_async(services.room_enter)(
             slug=frame.room, user_id=self.identity.user_id
         )
         try:
-            await self.hub.join(conn, room.id, room.slug)
+            await self.hub.join(
+                conn, room.id, room.slug, slow_mode=room.slow_mode, read_only=room.read_only
+            )
         except Exception:
             raise ChatError(ErrorCode.UNAVAILABLE, "cannot join right now; retry shortly") from None
         try:
             if frame.since is None:
                 page = await database_sync_to_async(selectors.message_recent)(room=room)
-                history, gap = page.messages, False
+                history, gap, more = page.messages, False, page.more
             else:
                 history, gap = await database_sync_to_async(selectors.message_since)(
                     room=room, since=frame.since
                 )
+                more = gap or frame.since > 0
         except BaseException:
             if room.slug not in self.rooms:
                 await self.hub.leave(conn, room.id)
             raise
         self.rooms[room.slug] = room
         online = await self.hub.presence.count(room.id)
+        slow_mode, read_only = self.hub.rules(room.id)
         conn.send_frame(
             protocol.joined(
-                room=room.slug, title=room.title, history=history, online=online, gap=gap
+                room=room.slug,
+                title=room.title,
+                history=history,
+                online=online,
+                more=more,
+                gap=gap,
+                slow_mode=slow_mode,
+                read_only=read_only,
             )
         )
         last_id = history[-1]["id"] if history else (frame.since or 0)
@@ -200,9 +242,18 @@ class ChatConsumer(AsyncConsumer):
         if self.identity.user_id is None:
             raise ChatError(ErrorCode.AUTH_REQUIRED, "sign in to post")
         room = self._joined(frame.room)
-        result = await database_sync_to_async(services.message_post)(
-            user_id=self.identity.user_id, room=room, body=frame.body, client_id=frame.client_id
+        slow_mode, _ = self.hub.rules(room.id)
+        result = await services.message_submit(
+            user_id=self.identity.user_id,
+            moderator=self.moderator,
+            room=room,
+            body=frame.body,
+            client_id=frame.client_id,
+            slow_mode=slow_mode,
         )
+        if not isinstance(result, services.PostResult):
+            conn.send_frame(result)  # a moderator command's outcome
+            return
         posted = result.frame
         conn.send_frame(
             protocol.ack(
@@ -241,9 +292,20 @@ class ChatConsumer(AsyncConsumer):
 
     def _joined(self, slug: str) -> RoomInfo:
         room = self.rooms.get(slug)
+        if room is not None and self.conn is not None and room.id not in self.conn.rooms:
+            # The hub took this socket out of the room (a room ban).
+            del self.rooms[slug]
+            room = None
         if room is None:
             raise ChatError(ErrorCode.NOT_JOINED, f"join {slug!r} first")
         return room
+
+    def _flooding(self, now: float) -> bool:
+        """More than CHAT_SOCKET_FRAMES_PER_10S frames in the current 10 s window."""
+        if now - self.window_start >= 10.0:
+            self.window_start, self.window_frames = now, 0
+        self.window_frames += 1
+        return self.window_frames > settings.CHAT_SOCKET_FRAMES_PER_10S
 
     def _error(self, code: ErrorCode, detail: str, *, ref: str | None, **extra: Any) -> None:
         metrics.ERRORS_SENT.labels(code.value).inc()

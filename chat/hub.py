@@ -36,7 +36,7 @@ from typing import Any
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from chat import protocol
+from chat import protocol, redis_clients
 from chat.presence import Presence
 from chat.protocol import CloseCode, Encoded, Frame, WireFormat
 from monitoring import metrics
@@ -222,11 +222,24 @@ class Connection:
 class LocalRoom:
     """A room with local members: who they are, and the batching state of its events."""
 
-    __slots__ = ("flush_handle", "id", "members", "pending", "pending_since", "quiet_at", "slug")
+    __slots__ = (
+        "flush_handle",
+        "id",
+        "members",
+        "pending",
+        "pending_since",
+        "quiet_at",
+        "read_only",
+        "slow_mode",
+        "slug",
+    )
 
-    def __init__(self, room_id: int, slug: str) -> None:
+    def __init__(self, room_id: int, slug: str, *, slow_mode: int, read_only: bool) -> None:
         self.id = room_id
         self.slug = slug
+        # The room's posting rules as last announced; `room` events keep them current.
+        self.slow_mode = slow_mode
+        self.read_only = read_only
         self.members: set[Connection] = set()
         self.pending: list[Frame] = []
         self.pending_since = 0.0
@@ -247,6 +260,7 @@ class Hub:
         self.window = settings.CHAT_BATCH_WINDOW_MS / 1000
         self.presence = Presence(self)
         self._tasks: list[asyncio.Task[None]] = []
+        self._kicks: set[asyncio.Task[None]] = set()
         self._started = asyncio.Event()
         self._starting = False
 
@@ -278,7 +292,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await self.presence.close()
+        await redis_clients.close_async()
 
     # --- sockets -----------------------------------------------------------------------------
 
@@ -296,7 +310,15 @@ class Hub:
         self.connections.discard(conn)
         metrics.SOCKETS_OPEN.set(len(self.connections))
 
-    async def join(self, conn: Connection, room_id: int, slug: str) -> None:
+    async def join(
+        self,
+        conn: Connection,
+        room_id: int,
+        slug: str,
+        *,
+        slow_mode: int = 0,
+        read_only: bool = False,
+    ) -> None:
         """Start a join: subscribe the process if needed and hold the room's events for conn.
 
         Call `join_complete` once `joined` is sent. Subscribing happens before the caller reads
@@ -304,7 +326,9 @@ class Hub:
         """
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = LocalRoom(room_id, slug)
+            room = self.rooms[room_id] = LocalRoom(
+                room_id, slug, slow_mode=slow_mode, read_only=read_only
+            )
             metrics.ROOMS_LOCAL.set(len(self.rooms))
             if self.channel is not None:
                 try:
@@ -354,6 +378,11 @@ class Hub:
     def _joining_any(self, room_id: int) -> bool:
         return any(room_id in conn.joining for conn in self.connections)
 
+    def rules(self, room_id: int) -> tuple[int, bool]:
+        """(slow mode seconds, read-only) as last announced for a local room."""
+        room = self.rooms.get(room_id)
+        return (room.slow_mode, room.read_only) if room is not None else (0, False)
+
     def touch(self, conn: Connection) -> None:
         conn.last_activity = time.monotonic()
 
@@ -385,6 +414,8 @@ class Hub:
         if room is None:
             return
         frame = event["frame"]
+        if frame["type"] == "room":
+            room.slow_mode, room.read_only = frame["slow_mode"], frame["read_only"]
         now = time.monotonic()
         if self.window <= 0:
             self._deliver(room, [frame], event["at"])
@@ -415,7 +446,7 @@ class Hub:
         """Write one flush of room events to every local member. The hot loop."""
         encoded = Encoded(frames[0] if len(frames) == 1 else protocol.batch(frames))
         typers = {f["user"] for f in frames if f["type"] == "typing"}
-        droppable = len(typers) == len(frames)  # nothing but typing: sheddable
+        droppable = all(f["type"] == "typing" for f in frames)  # nothing but typing: sheddable
         shed_at = settings.CHAT_OUTBOUND_SHED_BYTES
         limit = settings.CHAT_OUTBOUND_LIMIT_BYTES
         variants: dict[str, Encoded | None] = {}
@@ -443,8 +474,7 @@ class Hub:
             written += 1
             if conn.sent_bytes - conn.acked_bytes > limit:
                 metrics.DROPPED.labels("slow_consumer").inc()
-                conn.close(CloseCode.SLOW_CONSUMER)
-                room.members.discard(conn)
+                self._drop(conn, CloseCode.SLOW_CONSUMER)
             elif conn.sent_bytes >= conn.next_flow_ping:
                 conn.ping()
         if written:
@@ -467,11 +497,35 @@ class Hub:
 
     def _on_control(self, event: dict[str, Any]) -> None:
         action = event.get("action")
+        user_id = event.get("user_id")
         if action == "close_user":
+            # Banned everywhere: say why, then close every socket of theirs here.
             code = CloseCode(event["code"])
             for conn in tuple(self.connections):
-                if conn.user_id == event["user_id"]:
-                    conn.close(code)
+                if conn.user_id == user_id and not conn.closed:
+                    conn.send_frame(event["frame"])
+                    self._drop(conn, code)
+        elif action == "kick":
+            # Banned from one room: say why, take them out of it, keep the socket.
+            room = self.rooms.get(event["room_id"])
+            if room is None:
+                return
+            for conn in tuple(room.members):
+                if conn.user_id == user_id:
+                    conn.send_frame(event["frame"])
+                    conn.send_frame(protocol.left(room=room.slug))
+                    self._kicks.add(
+                        asyncio.get_running_loop().create_task(self.leave(conn, room.id))
+                    )
+                    self._kicks = {task for task in self._kicks if not task.done()}
+
+    def _drop(self, conn: Connection, code: CloseCode) -> None:
+        """Close a socket now and stop delivering to it; the consumer unregisters it later."""
+        conn.close(code)
+        for room_id in conn.rooms:
+            room = self.rooms.get(room_id)
+            if room is not None:
+                room.members.discard(conn)
 
     # --- heartbeat ---------------------------------------------------------------------------
 
@@ -493,11 +547,7 @@ class Hub:
                 continue
             if now - conn.last_pong > timeout:
                 metrics.DROPPED.labels("heartbeat_timeout").inc()
-                conn.close(CloseCode.HEARTBEAT_TIMEOUT)
-                for room_id in conn.rooms:
-                    room = self.rooms.get(room_id)
-                    if room is not None:
-                        room.members.discard(conn)
+                self._drop(conn, CloseCode.HEARTBEAT_TIMEOUT)
             else:
                 conn.ping()
 

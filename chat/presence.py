@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 import uuid
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from chat import protocol
+from chat import protocol, redis_clients
 from monitoring import metrics
 
 if TYPE_CHECKING:
@@ -52,15 +51,7 @@ class Presence:
         self.counts: dict[int, int] = {}
         self.sent: dict[int, int] = {}
         self.next_refresh = 0.0
-        self.redis: Any = None
-        if settings.REDIS_URL:
-            from redis import asyncio as aioredis
-
-            self.redis = aioredis.Redis.from_url(
-                settings.REDIS_URL,
-                socket_timeout=settings.CHAT_REDIS_TIMEOUT,
-                socket_connect_timeout=settings.CHAT_REDIS_TIMEOUT,
-            )
+        self.redis: Any = redis_clients.async_client() if redis_clients.configured() else None
 
     def _key(self, room_id: int) -> str:
         return _presence_key(room_id)
@@ -181,11 +172,6 @@ class Presence:
         cards = results[len(results) - 2 * len(rooms) :][1::2]
         self.counts = {room_id: int(card) for room_id, card in zip(rooms, cards, strict=True)}
 
-    async def close(self) -> None:
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
-
 
 def online_counts(room_ids: list[int]) -> dict[int, int]:
     """Online counts for a page listing rooms (synchronous: HTTP views).
@@ -195,18 +181,12 @@ def online_counts(room_ids: list[int]) -> dict[int, int]:
     """
     if not room_ids:
         return {}
-    if not settings.REDIS_URL:
+    if not redis_clients.configured():
         from chat.hub import all_hubs
 
         hubs = all_hubs()
         return {rid: sum(h.presence.local_count(rid) for h in hubs) for rid in room_ids}
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_timeout=settings.CHAT_REDIS_TIMEOUT,
-        socket_connect_timeout=settings.CHAT_REDIS_TIMEOUT,
-    )
+    client = redis_clients.sync_client()
     now = time.time()
     try:
         with client.pipeline(transaction=False) as pipe:

@@ -43,20 +43,24 @@ def select_subprotocol(offered: Sequence[str]) -> tuple[WireFormat, str | None]:
 
 
 class CloseCode(enum.IntEnum):
-    """WebSocket close codes the server uses. docs/protocol.md says what a client does on each."""
+    """WebSocket close codes the server uses. docs/protocol.md says what a client does on each.
+
+    The application's own closes use 4000-4999: Daphne's WebSocket layer lets an application
+    send only 1000 and 3000-4999, so "too big" and "try again" are 4009 and 4013 here, the
+    standard 1009 and 1013 plus 3000. 1009 still reaches a client when the ASGI server's own
+    frame limit (set above ours) trips first.
+    """
 
     NORMAL = 1000
-    GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN = 1013
-    # 4000-4999 are the application's own. Clients must not reconnect after UNAUTHORIZED
-    # (until they have a new token) nor after BANNED; all others mean "reconnect with since".
+    # Clients must not reconnect after UNAUTHORIZED (until they have a new token) nor after
+    # BANNED; after every other code they reconnect, with backoff, and re-join with since.
     UNAUTHORIZED = 4001
     BANNED = 4003
     SLOW_CONSUMER = 4008
-    HEARTBEAT_TIMEOUT = 4009
+    FRAME_TOO_BIG = 4009
+    HEARTBEAT_TIMEOUT = 4010
+    TRY_AGAIN = 4013
+    FLOOD = 4029
 
 
 class ErrorCode(enum.StrEnum):
@@ -73,6 +77,14 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_ROOMS = "too_many_rooms"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # abuse limits and moderation
+    RATE_LIMITED = "rate_limited"
+    SLOW_MODE = "slow_mode"
+    REPEATED = "repeated"
+    TOO_MANY_MENTIONS = "too_many_mentions"
+    READ_ONLY = "read_only"
+    BANNED = "banned"
+    BAD_COMMAND = "bad_command"
 
 
 class ProtocolError(Exception):
@@ -250,6 +262,7 @@ _PARSERS: Final[dict[str, Callable[[Frame], ClientFrame]]] = {
 def hello(
     *,
     user: str | None,
+    moderator: bool,
     connection: str,
     heartbeat_s: float,
     max_body: int,
@@ -259,6 +272,7 @@ def hello(
         "type": "hello",
         "version": VERSION,
         "user": user,
+        "moderator": moderator,
         "connection": connection,
         "heartbeat_ms": round(heartbeat_s * 1000),
         "limits": {"body": max_body, "frame": max_frame},
@@ -274,15 +288,29 @@ def message(
     return frame
 
 
-def joined(*, room: str, title: str, history: list[Frame], online: int, gap: bool = False) -> Frame:
-    """`gap` is true when `since` was older than the recovery limit reaches back."""
+def joined(
+    *,
+    room: str,
+    title: str,
+    history: list[Frame],
+    online: int,
+    more: bool,
+    gap: bool,
+    slow_mode: int,
+    read_only: bool,
+) -> Frame:
+    """`more`: older messages exist (page back with `history`). `gap`: `since` was older than
+    the recovery limit reaches back, so messages between it and `history` were skipped."""
     return {
         "type": "joined",
         "room": room,
         "title": title,
         "history": history,
         "online": online,
+        "more": more,
         "gap": gap,
+        "slow_mode": slow_mode,
+        "read_only": read_only,
     }
 
 
@@ -307,6 +335,24 @@ def typing(*, room: str, user: str) -> Frame:
 
 def delete(*, room: str, id: int) -> Frame:
     return {"type": "delete", "room": room, "id": id}
+
+
+def clear(*, room: str) -> Frame:
+    """A moderator cleared the room: clients drop every message they show for it."""
+    return {"type": "clear", "room": room}
+
+
+def room_settings(*, room: str, slow_mode: int, read_only: bool) -> Frame:
+    """The room's posting rules changed."""
+    return {"type": "room", "room": room, "slow_mode": slow_mode, "read_only": read_only}
+
+
+def notice(*, room: str | None, detail: str, ref: str | None = None) -> Frame:
+    """Information for one socket, e.g. the outcome of a moderator command."""
+    frame: Frame = {"type": "notice", "room": room, "detail": detail}
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
 
 
 def history(*, room: str, messages: list[Frame], more: bool) -> Frame:

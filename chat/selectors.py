@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from chat import protocol
-from chat.models import Message, Room
+from chat.models import Message, Room, Sanction
+
+MODERATE_PERMISSION = "chat.moderate"
 
 _MESSAGE_FIELDS = ("id", "author__username", "body", "created", "client_id")
 
@@ -27,6 +31,34 @@ class RoomInfo:
     title: str
     is_public: bool
     archived: bool
+    slow_mode: int
+    read_only: bool
+
+
+_ROOM_FIELDS = ("id", "slug", "title", "is_public", "archived", "slow_mode_seconds", "read_only")
+
+
+@dataclass(frozen=True, slots=True)
+class SanctionInfo:
+    """The sanction that keeps a user out: the longest-lasting one if several apply."""
+
+    kind: str
+    room_id: int | None
+    expires_at: datetime | None
+    reason: str
+
+    @property
+    def expires_ms(self) -> int | None:
+        return to_ms(self.expires_at) if self.expires_at is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketProfile:
+    """What a socket needs to know about its user at connect time."""
+
+    active: bool
+    moderator: bool
+    banned: SanctionInfo | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +84,12 @@ def _frames(
 
 
 def room_get(*, slug: str) -> RoomInfo | None:
-    row = (
-        Room.objects.filter(slug=slug)
-        .values_list("id", "slug", "title", "is_public", "archived")
-        .first()
-    )
+    row = Room.objects.filter(slug=slug).values_list(*_ROOM_FIELDS).first()
+    return RoomInfo(*row) if row else None
+
+
+def room_get_by_id(*, room_id: int) -> RoomInfo | None:
+    row = Room.objects.filter(pk=room_id).values_list(*_ROOM_FIELDS).first()
     return RoomInfo(*row) if row else None
 
 
@@ -70,12 +103,7 @@ def room_list_visible(*, user_id: int | None) -> list[RoomInfo]:
     visible = Q(is_public=True)
     if user_id is not None:
         visible |= Q(members__id=user_id)
-    rows = (
-        rooms.filter(visible)
-        .distinct()
-        .order_by("slug")
-        .values_list("id", "slug", "title", "is_public", "archived")
-    )
+    rows = rooms.filter(visible).distinct().order_by("slug").values_list(*_ROOM_FIELDS)
     return [RoomInfo(*row) for row in rows]
 
 
@@ -120,3 +148,39 @@ def message_since(*, room: RoomInfo, since: int) -> tuple[list[protocol.Frame], 
     rows = rows[:limit]
     rows.reverse()
     return _frames(room.slug, rows), gap
+
+
+def sanction_active(*, user_id: int, room_id: int | None) -> SanctionInfo | None:
+    """The ban or timeout keeping this user out of a room (or, for None, out of every room)."""
+    now = timezone.now()
+    scope = Q(room__isnull=True) if room_id is None else Q(room__isnull=True) | Q(room_id=room_id)
+    rows = list(
+        Sanction.objects.filter(scope, user_id=user_id, lifted_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .values_list("kind", "room_id", "expires_at", "reason")
+    )
+    if not rows:
+        return None
+    # A permanent sanction outlasts any timed one; among timed ones the latest expiry wins.
+    rows.sort(key=lambda r: (r[2] is None, r[2] or now))
+    return SanctionInfo(*rows[-1])
+
+
+def user_is_moderator(*, user_id: int) -> bool:
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    return user is not None and user.has_perm(MODERATE_PERMISSION)
+
+
+def user_socket_profile(*, user_id: int) -> SocketProfile:
+    user = get_user_model().objects.filter(pk=user_id).first()
+    if user is None or not user.is_active:
+        return SocketProfile(active=False, moderator=False, banned=None)
+    return SocketProfile(
+        active=True,
+        moderator=user.has_perm(MODERATE_PERMISSION),
+        banned=sanction_active(user_id=user_id, room_id=None),
+    )
+
+
+def user_id_by_name(*, username: str) -> int | None:
+    return get_user_model().objects.filter(username=username).values_list("pk", flat=True).first()

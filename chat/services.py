@@ -8,31 +8,34 @@ call them through database_sync_to_async, admin and commands call them directly.
 
 from __future__ import annotations
 
+import logging
+import re
 import unicodedata
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from chat import hub, protocol, selectors
-from chat.models import Message, Room
+from chat import commands, hub, limits, protocol, selectors
+from chat.errors import ChatError
+from chat.models import SLOW_MODE_MAX_SECONDS, Message, ModerationLog, Room, Sanction
 from chat.protocol import ErrorCode
+from chat.selectors import MODERATE_PERMISSION as MODERATE
 from chat.selectors import RoomInfo, to_ms
+from monitoring import metrics
 
+__all__ = ["ChatError", "PostResult", "banned_error"]
 
-class ChatError(Exception):
-    """A refused action. Consumers answer it with an `error` frame of the same code."""
-
-    def __init__(self, code: ErrorCode, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.extra = extra
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +58,38 @@ def _kept(ch: str) -> bool:
     return ch not in _BIDI_CONTROLS and unicodedata.category(ch) not in _DROPPED_CATEGORIES
 
 
+_MENTION = re.compile(r"(?<![\w@])@([\w.+-]{1,150})")
+
+
+def _cap_combining(body: str, limit: int) -> str:
+    """Keep at most `limit` combining marks on each character ("zalgo" text)."""
+    out: list[str] = []
+    run = 0
+    for ch in body:
+        if unicodedata.combining(ch):
+            run += 1
+            if run > limit:
+                continue
+        else:
+            run = 0
+        out.append(ch)
+    return "".join(out)
+
+
 def text_normalize(body: str) -> str:
     """NFC and trimmed, without controls, bidi controls, surrogates, private-use or
-    unassigned code points."""
+    unassigned code points, and with at most CHAT_MAX_COMBINING_MARKS marks per character."""
     body = unicodedata.normalize("NFC", body)
-    return "".join(ch for ch in body if _kept(ch)).strip()
+    body = "".join(ch for ch in body if _kept(ch))
+    return _cap_combining(body, settings.CHAT_MAX_COMBINING_MARKS).strip()
+
+
+def mentions(body: str) -> set[str]:
+    """The distinct @names in a message, case-folded."""
+    return {name.casefold() for name in _MENTION.findall(body)}
+
+
+# --- rooms and users -------------------------------------------------------------------------
 
 
 def room_enter(*, slug: str, user_id: int | None) -> RoomInfo:
@@ -72,39 +102,139 @@ def room_enter(*, slug: str, user_id: int | None) -> RoomInfo:
             raise ChatError(ErrorCode.AUTH_REQUIRED, "this room is for members; sign in first")
         if not selectors.room_is_member(room_id=room.id, user_id=user_id):
             raise ChatError(ErrorCode.FORBIDDEN, "this room is for members only")
+    if user_id is not None:
+        sanction = selectors.sanction_active(user_id=user_id, room_id=room.id)
+        if sanction is not None:
+            raise banned_error(sanction, room=room.slug)
     return room
 
 
-def message_post(
-    *, user_id: int, room: RoomInfo, body: str, client_id: str | None = None
-) -> PostResult:
-    """Store a message and publish it to the room after commit.
+def banned_error(sanction: selectors.SanctionInfo, *, room: str | None = None) -> ChatError:
+    until = "permanently" if sanction.expires_at is None else "until the timeout ends"
+    where = f"from {room}" if room and sanction.room_id is not None else "from chat"
+    return ChatError(
+        ErrorCode.BANNED,
+        f"you are {'banned' if sanction.kind == 'ban' else 'timed out'} {where} {until}",
+        kind=sanction.kind,
+        expires_ms=sanction.expires_ms,
+        reason=sanction.reason,
+    )
 
-    A resend with a `client_id` this user already used returns the original message with
-    duplicate=True and publishes nothing. If publishing fails the message is still stored;
-    the caller gets ChatError(UNAVAILABLE) and members recover it with `since`.
+
+def room_ensure(*, slug: str, title: str, is_public: bool = True) -> Room:
+    """Create the room if it does not exist; never changes an existing one."""
+    room, _ = Room.objects.get_or_create(
+        slug=slug, defaults={"title": title, "is_public": is_public}
+    )
+    return room
+
+
+def user_ensure(*, username: str, password: str, is_staff: bool = False) -> Any:
+    """Create the user if missing (with this password); existing users are left as they are."""
+    user_model = get_user_model()
+    user = user_model.objects.filter(username=username).first()
+    if user is None:
+        user = user_model.objects.create_user(
+            username=username, password=password, is_staff=is_staff, is_superuser=is_staff
+        )
+    return user
+
+
+# --- posting ---------------------------------------------------------------------------------
+
+
+async def message_submit(
+    *,
+    user_id: int,
+    moderator: bool,
+    room: RoomInfo,
+    body: str,
+    client_id: str | None,
+    slow_mode: int,
+) -> PostResult | protocol.Frame:
+    """A `message` frame from a socket: a moderator command, or a post past the abuse limits.
+
+    Returns the PostResult of a post, or the notice frame answering a command.
     """
-    if room.archived:
-        raise ChatError(ErrorCode.ROOM_ARCHIVED, "this room is archived and read-only")
-    body = text_normalize(body)
+    name = commands.name_of(body.strip())
+    if name is not None:
+        if not moderator:
+            raise ChatError(ErrorCode.FORBIDDEN, f"/{name} is for moderators")
+        command = commands.parse(body)
+        assert command is not None
+        detail = await database_sync_to_async(command_run)(
+            actor_id=user_id, room=room, command=command
+        )
+        return protocol.notice(room=room.slug, detail=detail, ref=client_id)
+    return await database_sync_to_async(message_post)(
+        user_id=user_id,
+        room=room,
+        body=body,
+        client_id=client_id,
+        moderator=moderator,
+        slow_mode=slow_mode,
+    )
+
+
+def _validate_body(body: str) -> None:
     if not body:
         raise ChatError(ErrorCode.EMPTY, "the message is empty")
     limit = settings.CHAT_MAX_MESSAGE_LENGTH
     if len(body) > limit:
         raise ChatError(ErrorCode.TOO_LONG, f"messages are at most {limit} characters", limit=limit)
+    most = settings.CHAT_MAX_MENTIONS
+    if len(mentions(body)) > most:
+        raise ChatError(
+            ErrorCode.TOO_MANY_MENTIONS, f"mention at most {most} people per message", limit=most
+        )
+
+
+def message_post(
+    *,
+    user_id: int,
+    room: RoomInfo,
+    body: str,
+    client_id: str | None = None,
+    moderator: bool = False,
+    slow_mode: int = 0,
+) -> PostResult:
+    """Store a message and publish it to the room after commit.
+
+    Applies the abuse limits (chat.limits; `moderator` and the room's `slow_mode` as the
+    socket knows them), then checks what must be current (the room still takes posts, the
+    author is active and not banned) against the database. A resend with a `client_id`
+    this user already used in this room returns the original message with duplicate=True
+    and publishes nothing. If publishing fails the message is still stored; the caller gets
+    ChatError(UNAVAILABLE)
+    and members recover it with `since`.
+    """
+    body = text_normalize(body)
+    _validate_body(body)
     if client_id is not None:
         original = _message_by_client_id(user_id=user_id, client_id=client_id, room=room)
         if original is not None:
             return PostResult(frame=original, duplicate=True)
-    author = (
-        get_user_model()
-        .objects.filter(pk=user_id, is_active=True)
-        .values_list("username", flat=True)
-        .first()
+    limits.check_post(
+        user_id=user_id,
+        room_id=room.id,
+        body=body,
+        moderator=moderator,
+        slow_mode_seconds=slow_mode,
     )
+    current = selectors.room_get_by_id(room_id=room.id)
+    if current is None:
+        raise ChatError(ErrorCode.UNKNOWN_ROOM, "this room no longer exists")
+    if current.archived:
+        raise ChatError(ErrorCode.ROOM_ARCHIVED, "this room is archived and read-only")
+    author = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if author is None:
         raise ChatError(ErrorCode.AUTH_REQUIRED, "this account cannot post")
-    username = author
+    if current.read_only and not author.has_perm(MODERATE):
+        raise ChatError(ErrorCode.READ_ONLY, "only moderators can post here right now")
+    username = author.get_username()
+    sanction = selectors.sanction_active(user_id=user_id, room_id=room.id)
+    if sanction is not None:
+        raise banned_error(sanction, room=room.slug)
     created = timezone.now()
     try:
         with transaction.atomic():
@@ -139,15 +269,15 @@ def message_post(
 
 def _message_by_client_id(*, user_id: int, client_id: str, room: RoomInfo) -> protocol.Frame | None:
     row = (
-        Message.objects.filter(author_id=user_id, client_id=client_id)
-        .values_list("id", "author__username", "body", "created", "room__slug")
+        Message.objects.filter(room_id=room.id, author_id=user_id, client_id=client_id)
+        .values_list("id", "author__username", "body", "created")
         .first()
     )
     if row is None:
         return None
-    pk, username, body, created, room_slug = row
+    pk, username, body, created = row
     return protocol.message(
-        room=room_slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
+        room=room.slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
     )
 
 
@@ -167,20 +297,292 @@ async def typing_publish(*, room: RoomInfo, username: str) -> None:
     await hub.publish(room.id, protocol.typing(room=room.slug, user=username))
 
 
-def room_ensure(*, slug: str, title: str, is_public: bool = True) -> Room:
-    """Create the room if it does not exist; never changes an existing one."""
-    room, _ = Room.objects.get_or_create(
-        slug=slug, defaults={"title": title, "is_public": is_public}
+# --- moderation ------------------------------------------------------------------------------
+#
+# Every action checks that the actor may moderate, changes state, writes the moderation log
+# in the same transaction, and acts on open sockets after commit. If that live part fails
+# (Redis down) the state still holds: joins and posts check it in the database.
+
+
+def _require_moderator(actor_id: int) -> None:
+    if not selectors.user_is_moderator(user_id=actor_id):
+        raise ChatError(ErrorCode.FORBIDDEN, "you do not have the moderation permission")
+
+
+def _log(
+    *,
+    actor_id: int,
+    action: str,
+    via: str,
+    target_id: int | None = None,
+    room_id: int | None = None,
+    message_id: int | None = None,
+    reason: str = "",
+    **detail: Any,
+) -> None:
+    ModerationLog.objects.create(
+        created=timezone.now(),
+        actor_id=actor_id,
+        action=action,
+        via=via,
+        target_id=target_id,
+        room_id=room_id,
+        message_id=message_id,
+        reason=reason[:500],
+        detail=detail,
     )
-    return room
+    metrics.MODERATION_ACTIONS.labels(action).inc()
 
 
-def user_ensure(*, username: str, password: str, is_staff: bool = False) -> Any:
-    """Create the user if missing (with this password); existing users are left as they are."""
-    user_model = get_user_model()
-    user = user_model.objects.filter(username=username).first()
-    if user is None:
-        user = user_model.objects.create_user(
-            username=username, password=password, is_staff=is_staff, is_superuser=is_staff
+def _after_commit(call: Callable[[], Awaitable[None]]) -> None:
+    """Run a live effect once the transaction commits; a failure is logged, not raised."""
+
+    def run() -> None:
+        try:
+            async_to_sync(call)()
+        except Exception:
+            metrics.LAYER_ERRORS.labels("moderation").inc()
+            logger.warning("moderation: live effect failed; the stored state still holds")
+
+    transaction.on_commit(run)
+
+
+def message_delete_many(
+    *, actor_id: int, message_ids: list[int], via: str, reason: str = ""
+) -> int:
+    """Soft-delete messages; every member on every process is told to drop them."""
+    _require_moderator(actor_id)
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            Message.objects.select_for_update()
+            .filter(pk__in=message_ids, deleted_at__isnull=True)
+            .values_list("id", "room_id", "room__slug", "author_id")
         )
-    return user
+        Message.objects.filter(pk__in=[r[0] for r in rows]).update(
+            deleted_at=now, deleted_by_id=actor_id
+        )
+        for pk, room_id, slug, author_id in rows:
+            _log(
+                actor_id=actor_id,
+                action=ModerationLog.Action.DELETE,
+                via=via,
+                target_id=author_id,
+                room_id=room_id,
+                message_id=pk,
+                reason=reason,
+            )
+            _after_commit(partial(hub.publish, room_id, protocol.delete(room=slug, id=pk)))
+    return len(rows)
+
+
+def message_delete(*, actor_id: int, message_id: int, via: str, reason: str = "") -> bool:
+    return (
+        message_delete_many(actor_id=actor_id, message_ids=[message_id], via=via, reason=reason)
+        == 1
+    )
+
+
+def room_clear(*, actor_id: int, room_id: int, via: str, reason: str = "") -> int:
+    """Soft-delete every message of a room and tell its members to clear it."""
+    _require_moderator(actor_id)
+    room = Room.objects.get(pk=room_id)
+    with transaction.atomic():
+        count = Message.objects.filter(room_id=room_id, deleted_at__isnull=True).update(
+            deleted_at=timezone.now(), deleted_by_id=actor_id
+        )
+        _log(
+            actor_id=actor_id,
+            action=ModerationLog.Action.CLEAR,
+            via=via,
+            room_id=room_id,
+            reason=reason,
+            count=count,
+        )
+        _after_commit(partial(hub.publish, room_id, protocol.clear(room=room.slug)))
+    return count
+
+
+def sanction_apply(
+    *,
+    actor_id: int,
+    target_id: int,
+    kind: str,
+    room_id: int | None,
+    duration_s: int | None,
+    reason: str,
+    via: str,
+) -> Sanction:
+    """Ban or time out a user in one room (room_id) or everywhere (None).
+
+    Everywhere: their open sockets on every process get `error banned` and close 4003.
+    One room: their sockets leave that room with `error banned` and `left`.
+    """
+    _require_moderator(actor_id)
+    if kind not in Sanction.Kind.values:
+        raise ChatError(ErrorCode.BAD_COMMAND, f"unknown sanction {kind!r}")
+    target = get_user_model().objects.filter(pk=target_id).first()
+    if target is None:
+        raise ChatError(ErrorCode.BAD_COMMAND, "no such user")
+    actor = get_user_model().objects.get(pk=actor_id)
+    if target.is_superuser or (target.has_perm(MODERATE) and not actor.is_superuser):
+        raise ChatError(ErrorCode.FORBIDDEN, "moderators can only be sanctioned by an admin")
+    now = timezone.now()
+    expires = now + timedelta(seconds=duration_s) if duration_s else None
+    room = Room.objects.get(pk=room_id) if room_id is not None else None
+    with transaction.atomic():
+        sanction = Sanction.objects.create(
+            user_id=target_id,
+            room=room,
+            kind=kind,
+            reason=reason[:500],
+            created=now,
+            created_by_id=actor_id,
+            expires_at=expires,
+        )
+        _log(
+            actor_id=actor_id,
+            action=kind,
+            via=via,
+            target_id=target_id,
+            room_id=room_id,
+            reason=reason,
+            duration_s=duration_s,
+        )
+        info = selectors.SanctionInfo(kind, room_id, expires, sanction.reason)
+        refusal = banned_error(info, room=room.slug if room else None)
+        frame = protocol.error(
+            refusal.code, refusal.detail, ref=room.slug if room else None, **refusal.extra
+        )
+        if room is None:
+            _after_commit(
+                partial(
+                    hub.control,
+                    "close_user",
+                    user_id=target_id,
+                    code=int(protocol.CloseCode.BANNED),
+                    frame=frame,
+                )
+            )
+        else:
+            _after_commit(
+                partial(hub.control, "kick", user_id=target_id, room_id=room.id, frame=frame)
+            )
+    return sanction
+
+
+def sanction_lift(*, actor_id: int, target_id: int, room_id: int | None, via: str) -> int:
+    """Lift the user's active bans and timeouts in that room (or the global ones for None)."""
+    _require_moderator(actor_id)
+    now = timezone.now()
+    with transaction.atomic():
+        scope = Q(room__isnull=True) if room_id is None else Q(room_id=room_id)
+        count = Sanction.objects.filter(scope, user_id=target_id, lifted_at__isnull=True).update(
+            lifted_at=now, lifted_by_id=actor_id
+        )
+        _log(
+            actor_id=actor_id,
+            action=ModerationLog.Action.UNBAN,
+            via=via,
+            target_id=target_id,
+            room_id=room_id,
+            count=count,
+        )
+    return count
+
+
+def room_set_rules(
+    *,
+    actor_id: int,
+    room_id: int,
+    via: str,
+    slow_mode: int | None = None,
+    read_only: bool | None = None,
+) -> RoomInfo:
+    """Change slow mode (0-120 s) or read-only; every member is told the new rules."""
+    _require_moderator(actor_id)
+    if slow_mode is not None and not 0 <= slow_mode <= SLOW_MODE_MAX_SECONDS:
+        raise ChatError(ErrorCode.BAD_COMMAND, f"slow mode is 0-{SLOW_MODE_MAX_SECONDS} seconds")
+    with transaction.atomic():
+        room = Room.objects.select_for_update().get(pk=room_id)
+        if slow_mode is not None and slow_mode != room.slow_mode_seconds:
+            room.slow_mode_seconds = slow_mode
+            _log(
+                actor_id=actor_id,
+                action=ModerationLog.Action.SLOW_MODE,
+                via=via,
+                room_id=room_id,
+                seconds=slow_mode,
+            )
+        if read_only is not None and read_only != room.read_only:
+            room.read_only = read_only
+            _log(
+                actor_id=actor_id,
+                action=ModerationLog.Action.READ_ONLY,
+                via=via,
+                room_id=room_id,
+                enabled=read_only,
+            )
+        room.save(update_fields=["slow_mode_seconds", "read_only"])
+        frame = protocol.room_settings(
+            room=room.slug, slow_mode=room.slow_mode_seconds, read_only=room.read_only
+        )
+        _after_commit(partial(hub.publish, room_id, frame))
+    info = selectors.room_get_by_id(room_id=room_id)
+    assert info is not None
+    return info
+
+
+def command_run(*, actor_id: int, room: RoomInfo, command: commands.Command) -> str:
+    """Carry out an in-chat moderator command in `room`; returns what to tell the moderator."""
+    via = "chat"
+    match command:
+        case commands.Delete(message_id=message_id):
+            if not message_delete(actor_id=actor_id, message_id=message_id, via=via):
+                raise ChatError(ErrorCode.BAD_COMMAND, f"no message #{message_id} to delete")
+            return f"deleted message #{message_id}"
+        case commands.Timeout(username=username, seconds=seconds, reason=reason):
+            target = _target(username)
+            sanction_apply(
+                actor_id=actor_id,
+                target_id=target,
+                kind=Sanction.Kind.TIMEOUT,
+                room_id=room.id,
+                duration_s=seconds,
+                reason=reason,
+                via=via,
+            )
+            return f"timed out {username} for {seconds} s"
+        case commands.Ban(username=username, reason=reason):
+            sanction_apply(
+                actor_id=actor_id,
+                target_id=_target(username),
+                kind=Sanction.Kind.BAN,
+                room_id=room.id,
+                duration_s=None,
+                reason=reason,
+                via=via,
+            )
+            return f"banned {username} from {room.slug}"
+        case commands.Unban(username=username):
+            count = sanction_lift(
+                actor_id=actor_id, target_id=_target(username), room_id=room.id, via=via
+            )
+            return f"lifted {count} ban(s) or timeout(s) of {username}"
+        case commands.Slow(seconds=seconds):
+            room_set_rules(actor_id=actor_id, room_id=room.id, via=via, slow_mode=seconds)
+            return f"slow mode {seconds} s" if seconds else "slow mode off"
+        case commands.ReadOnly(enabled=enabled):
+            room_set_rules(actor_id=actor_id, room_id=room.id, via=via, read_only=enabled)
+            return "read-only on" if enabled else "read-only off"
+        case commands.Clear():
+            count = room_clear(actor_id=actor_id, room_id=room.id, via=via)
+            return f"cleared {count} message(s)"
+    raise ChatError(ErrorCode.BAD_COMMAND, "unknown command")
+
+
+def _target(username: str) -> int:
+    user_id = selectors.user_id_by_name(username=username.lstrip("@"))
+    if user_id is None:
+        raise ChatError(ErrorCode.BAD_COMMAND, f"no user named {username!r}")
+    return user_id

@@ -76,8 +76,9 @@ if not SECRET_KEY:
     SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
 
 ALLOWED_HOSTS = _env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
-# Origins allowed to open a socket with a session cookie, beyond the ALLOWED_HOSTS themselves
-# (for example a separate front-end host). Scheme and host, as the browser sends them.
+# A cookie-authenticated socket must come from a page of the host it connects to (Origin
+# equal to the Host header). These origins are allowed too, for example a separate
+# front-end host: scheme, host and port, exactly as the browser sends them.
 CHAT_ALLOWED_ORIGINS = _env_list("CHAT_ALLOWED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -97,6 +98,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "chat.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -134,7 +136,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"].update(
         {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     )
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test.sqlite3")}
+    # A file, not memory: tests start real server processes on the same database. One per
+    # test run, so concurrent runs on one machine do not destroy each other's.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-{os.getpid()}.sqlite3")}
     (BASE_DIR / "var").mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -165,6 +169,13 @@ CSRF_COOKIE_SAMESITE = "Lax"
 
 # Unset: one process, the in-memory layer. Set: every process shares rooms through Redis.
 REDIS_URL = _env_str("REDIS_URL", "")
+# High availability: "host:port,host:port" of Redis Sentinels and the primary's name. When
+# set, the layer, presence and rate limits all follow the primary the sentinels name.
+REDIS_SENTINELS = [
+    (host, int(port))
+    for host, _, port in (item.rpartition(":") for item in _env_list("REDIS_SENTINELS", []))
+]
+REDIS_SENTINEL_MASTER = _env_str("REDIS_SENTINEL_MASTER", "mymaster")
 CHAT_LAYER_PREFIX = _env_str("CHAT_LAYER_PREFIX", "chat")
 # Seconds any single Redis call may take before it counts as failed (never hang a post).
 CHAT_REDIS_TIMEOUT = _env_float("CHAT_REDIS_TIMEOUT", 2.0, minimum=0.1)
@@ -180,12 +191,30 @@ def _redis_host() -> dict[str, Any]:
     }
 
 
+def _sentinel_host() -> dict[str, Any]:
+    timeouts = {
+        "socket_timeout": CHAT_REDIS_TIMEOUT,
+        "socket_connect_timeout": CHAT_REDIS_TIMEOUT,
+    }
+    return {
+        "sentinels": REDIS_SENTINELS,
+        "master_name": REDIS_SENTINEL_MASTER,
+        "sentinel_kwargs": timeouts,
+        "socket_connect_timeout": CHAT_REDIS_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+
+
 CHANNEL_LAYERS: dict[str, dict[str, Any]]
-if REDIS_URL:
+if REDIS_URL or REDIS_SENTINELS:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [_redis_host()], "prefix": CHAT_LAYER_PREFIX},
+            "CONFIG": {
+                "hosts": [_sentinel_host() if REDIS_SENTINELS else _redis_host()],
+                "prefix": CHAT_LAYER_PREFIX,
+            },
         }
     }
 else:
@@ -204,7 +233,7 @@ CHAT_MAX_MESSAGE_LENGTH = _env_int("CHAT_MAX_MESSAGE_LENGTH", 500, minimum=1, ma
 CHAT_MAX_FRAME_BYTES = _env_int("CHAT_MAX_FRAME_BYTES", 65_536, minimum=1024)
 CHAT_HISTORY_LIMIT = _env_int("CHAT_HISTORY_LIMIT", 50, minimum=0, maximum=500)
 CHAT_HISTORY_PAGE_MAX = _env_int("CHAT_HISTORY_PAGE_MAX", 100, minimum=1, maximum=1000)
-CHAT_RECOVERY_LIMIT = _env_int("CHAT_RECOVERY_LIMIT", 500, minimum=1, maximum=10_000)
+CHAT_RECOVERY_LIMIT = _env_int("CHAT_RECOVERY_LIMIT", 300, minimum=1, maximum=10_000)
 CHAT_TOKEN_MAX_AGE = _env_int("CHAT_TOKEN_MAX_AGE", 24 * 3600, minimum=60)
 CHAT_MAX_ROOMS_PER_SOCKET = _env_int("CHAT_MAX_ROOMS_PER_SOCKET", 20, minimum=1)
 
@@ -214,6 +243,16 @@ CHAT_BATCH_WINDOW_MS = _env_int("CHAT_BATCH_WINDOW_MS", 50, minimum=0, maximum=1
 CHAT_OUTBOUND_LIMIT_BYTES = _env_int("CHAT_OUTBOUND_LIMIT_BYTES", 1_048_576, minimum=16_384)
 CHAT_OUTBOUND_SHED_BYTES = _env_int("CHAT_OUTBOUND_SHED_BYTES", 262_144, minimum=4096)
 CHAT_FLOW_PING_BYTES = _env_int("CHAT_FLOW_PING_BYTES", 131_072, minimum=1024)
+# Abuse limits, enforced across processes through Redis when it is configured.
+CHAT_RATE_MESSAGES = _env_int("CHAT_RATE_MESSAGES", 20, minimum=1)
+CHAT_RATE_MESSAGES_MODERATOR = _env_int("CHAT_RATE_MESSAGES_MODERATOR", 100, minimum=1)
+CHAT_RATE_WINDOW_SECONDS = _env_int("CHAT_RATE_WINDOW_SECONDS", 30, minimum=1)
+CHAT_REPEAT_WINDOW_SECONDS = _env_int("CHAT_REPEAT_WINDOW_SECONDS", 30, minimum=0)
+CHAT_MAX_MENTIONS = _env_int("CHAT_MAX_MENTIONS", 5, minimum=0)
+CHAT_MAX_COMBINING_MARKS = _env_int("CHAT_MAX_COMBINING_MARKS", 2, minimum=0)
+# Frames one socket may send per 10 seconds before it is closed as a flood (4029).
+CHAT_SOCKET_FRAMES_PER_10S = _env_int("CHAT_SOCKET_FRAMES_PER_10S", 300, minimum=10)
+
 # Heartbeat: a ping every interval; a socket silent to pings for the timeout is closed.
 CHAT_HEARTBEAT_INTERVAL = _env_float("CHAT_HEARTBEAT_INTERVAL", 30.0, minimum=0.05)
 CHAT_HEARTBEAT_TIMEOUT = _env_float("CHAT_HEARTBEAT_TIMEOUT", 60.0, minimum=0.1)

@@ -38,6 +38,12 @@ DELIVERY_LATENCY = Histogram(
 DROPPED = Counter(
     "chat_events_dropped_total", "Events not delivered to a socket, by reason.", ["reason"]
 )
+RATE_LIMITED = Counter(
+    "chat_rate_limited_total", "Posts refused by an abuse limit, by error code.", ["code"]
+)
+MODERATION_ACTIONS = Counter(
+    "chat_moderation_actions_total", "Moderation actions taken, by action.", ["action"]
+)
 LAYER_ERRORS = Counter(
     "chat_layer_errors_total", "Channel-layer or Redis calls that failed or timed out.", ["op"]
 )

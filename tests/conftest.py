@@ -13,6 +13,7 @@ from channels.layers import channel_layers
 from django.db import connection
 
 from chat import hub as hub_module
+from chat import limits
 from chat.auth import token_issue
 from chat.models import Room
 from tests.support import RedisServer, ServerProcess
@@ -56,6 +57,7 @@ def _layers(request: pytest.FixtureRequest, settings: Any) -> Iterator[None]:
         settings.REDIS_URL = ""
         settings.CHANNEL_LAYERS = IN_MEMORY_LAYERS
     channel_layers.backends.clear()
+    limits.reset_local()
     yield
     channel_layers.backends.clear()
 

@@ -321,13 +321,13 @@ async def test_msgpack_garbage_gets_bad_frame(make_user: Any) -> None:
     await sock.close()
 
 
-async def test_oversized_frame_closes_with_1009(make_user: Any) -> None:
-    """A frame over the size limit closes the socket with 1009 (message too big)."""
+async def test_oversized_frame_closes_with_4009(make_user: Any) -> None:
+    """A frame over the size limit closes the socket with 4009 (frame too big)."""
     _, token = await database_sync_to_async(make_user)("alice")
     sock = await Sock.open(token=token)
     await sock.c.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * 70_000}))
     out = await sock.recv_raw()
-    assert out == {"type": "websocket.close", "code": 1009}
+    assert out == {"type": "websocket.close", "code": 4009}
 
 
 async def test_anonymous_reads_public_rooms_but_cannot_post(room: Any) -> None:
