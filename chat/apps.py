@@ -1,6 +1,39 @@
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class ChatConfig(AppConfig):
     name = "chat"
     verbose_name = "Chat"
+
+    def ready(self) -> None:
+        post_migrate.connect(_ensure_moderators_group, sender=self)
+
+
+# What the Moderators group may see and do, in admin and in chat.
+MODERATOR_PERMISSIONS = [
+    "moderate",
+    "view_message",
+    "change_message",
+    "delete_message",
+    "view_room",
+    "change_room",
+    "view_sanction",
+    "add_sanction",
+    "change_sanction",
+    "view_moderationlog",
+]
+
+
+def _ensure_moderators_group(using: str = "default", **kwargs: Any) -> None:
+    """After every migrate (permissions exist by then), make sure the group has its rights."""
+    from django.contrib.auth.models import Group, Permission
+
+    group, _ = Group.objects.using(using).get_or_create(name="Moderators")
+    group.permissions.add(
+        *Permission.objects.using(using).filter(
+            content_type__app_label="chat", codename__in=MODERATOR_PERMISSIONS
+        )
+    )

@@ -334,15 +334,21 @@ def _log(
     metrics.MODERATION_ACTIONS.labels(action).inc()
 
 
+async def _await(call: Callable[[], Awaitable[None]]) -> None:
+    await call()
+
+
 def _after_commit(call: Callable[[], Awaitable[None]]) -> None:
     """Run a live effect once the transaction commits; a failure is logged, not raised."""
 
     def run() -> None:
         try:
-            async_to_sync(call)()
+            async_to_sync(_await)(call)
         except Exception:
             metrics.LAYER_ERRORS.labels("moderation").inc()
-            logger.warning("moderation: live effect failed; the stored state still holds")
+            logger.warning(
+                "moderation: live effect failed; the stored state still holds", exc_info=True
+            )
 
     transaction.on_commit(run)
 

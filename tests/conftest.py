@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import uuid
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 from channels.layers import channel_layers
+from django.contrib.auth.hashers import make_password
 from django.db import connection
 
 from chat import hub as hub_module
@@ -74,13 +76,19 @@ async def _hub_stopped() -> AsyncIterator[None]:
 _names = itertools.count()
 
 
+@functools.cache
+def _hashed(password: str) -> str:
+    """Hash each test password once: the real hasher takes most of a second per call."""
+    return make_password(password)
+
+
 @pytest.fixture
 def make_user(django_user_model: Any) -> Callable[..., tuple[Any, str]]:
     """Create a user; returns (user, socket token)."""
 
     def make(username: str | None = None, password: str = "pw-for-tests-only") -> tuple[Any, str]:
         name = username or f"player{next(_names)}"
-        user = django_user_model.objects.create_user(username=name, password=password)
+        user = django_user_model.objects.create(username=name, password=_hashed(password))
         return user, token_issue(user_id=user.pk, username=name)
 
     return make

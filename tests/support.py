@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import websockets
+from channels.testing import WebsocketCommunicator
 from websockets.typing import Subprotocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,3 +271,113 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+ORIGIN = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
+
+
+class Sock:
+    """A WebsocketCommunicator that speaks the chat protocol like a well-behaved client."""
+
+    def __init__(self, communicator: WebsocketCommunicator, fmt: str) -> None:
+        self.c = communicator
+        self.fmt = fmt
+        self.subprotocol: str | None = None
+        self.kept: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        token: str | None = None,
+        fmt: str = "json",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        expect_hello: bool = True,
+    ) -> Sock:
+        path = "/ws/chat/" + (f"?token={token}" if token else "")
+        subprotocols = ["chat.msgpack"] if fmt == "msgpack" else ["chat.json"]
+        communicator = WebsocketCommunicator(
+            _application(),
+            path,
+            headers=ORIGIN if headers is None else headers,
+            subprotocols=subprotocols,
+        )
+        connected, subprotocol = await communicator.connect()
+        assert connected, "handshake refused"
+        sock = cls(communicator, fmt)
+        sock.subprotocol = subprotocol if isinstance(subprotocol, str) else None
+        if expect_hello:
+            assert (await sock.recv())["type"] == "hello"
+        return sock
+
+    async def send(self, frame: Any) -> None:
+        if self.fmt == "msgpack":
+            await self.c.send_to(bytes_data=msgpack.packb(frame))
+        else:
+            await self.c.send_to(text_data=json.dumps(frame))
+
+    async def recv_raw(self, timeout: float = 3) -> dict[str, Any]:
+        return await self.c.receive_output(timeout)
+
+    async def recv(self, timeout: float = 3) -> dict[str, Any]:
+        while True:
+            out = await self.c.receive_output(timeout)
+            assert out["type"] == "websocket.send", out
+            if self.fmt == "msgpack":
+                assert out.get("bytes") is not None, "msgpack sockets get binary frames"
+                frame = msgpack.unpackb(out["bytes"])
+            else:
+                assert out.get("text") is not None, "json sockets get text frames"
+                frame = json.loads(out["text"])
+            if frame["type"] == "ping":
+                await self.send({"type": "pong", "n": frame["n"]})
+                continue
+            return frame
+
+    async def events(self, timeout: float = 3) -> list[dict[str, Any]]:
+        frame = await self.recv(timeout)
+        return frame["messages"] if frame["type"] == "batch" else [frame]
+
+    async def expect(self, kind: str, timeout: float = 3) -> dict[str, Any]:
+        """The next frame of `kind`; frames of other kinds that arrive first are kept."""
+        return await self.gather_any(kind, timeout=timeout)
+
+    async def gather(self, *kinds: str, timeout: float = 3) -> dict[str, dict[str, Any]]:
+        """The next frame of each kind, in whatever order they come."""
+        found: dict[str, dict[str, Any]] = {}
+        for _ in kinds:
+            frame = await self.gather_any(*(k for k in kinds if k not in found), timeout=timeout)
+            found[frame["type"]] = frame
+        return found
+
+    async def gather_any(self, *kinds: str, timeout: float = 3) -> dict[str, Any]:
+        """The next frame of any of these kinds. Frames of other kinds are kept for later
+        calls, so asking for an ack never loses the broadcast that came before it."""
+        for index, frame in enumerate(self.kept):
+            if frame["type"] in kinds:
+                return self.kept.pop(index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            frames = await self.events(max(0.01, deadline - loop.time()))
+            for index, frame in enumerate(frames):
+                if frame["type"] in kinds:
+                    self.kept.extend(frames[index + 1 :])
+                    return frame
+                self.kept.append(frame)
+
+    async def join(self, room: str, **extra: Any) -> dict[str, Any]:
+        await self.send({"type": "join", "room": room, **extra})
+        return await self.expect("joined")
+
+    async def nothing(self) -> bool:
+        return await self.c.receive_nothing(0.2)
+
+    async def close(self) -> None:
+        await self.c.disconnect()
+
+
+def _application() -> Any:
+    from esports_chat.asgi import application
+
+    return application

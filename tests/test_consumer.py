@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import msgpack
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -14,101 +12,9 @@ from django.contrib.sessions.backends.db import SessionStore
 
 from chat.models import Message
 from esports_chat.asgi import application
+from tests.support import ORIGIN, Sock
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-ORIGIN = [(b"origin", b"http://testserver"), (b"host", b"testserver")]
-
-
-class Sock:
-    """A WebsocketCommunicator that speaks the chat protocol like a well-behaved client."""
-
-    def __init__(self, communicator: WebsocketCommunicator, fmt: str) -> None:
-        self.c = communicator
-        self.fmt = fmt
-        self.subprotocol: str | None = None
-
-    @classmethod
-    async def open(
-        cls,
-        *,
-        token: str | None = None,
-        fmt: str = "json",
-        headers: list[tuple[bytes, bytes]] | None = None,
-        expect_hello: bool = True,
-    ) -> Sock:
-        path = "/ws/chat/" + (f"?token={token}" if token else "")
-        subprotocols = ["chat.msgpack"] if fmt == "msgpack" else ["chat.json"]
-        communicator = WebsocketCommunicator(
-            application,
-            path,
-            headers=ORIGIN if headers is None else headers,
-            subprotocols=subprotocols,
-        )
-        connected, subprotocol = await communicator.connect()
-        assert connected, "handshake refused"
-        sock = cls(communicator, fmt)
-        sock.subprotocol = subprotocol if isinstance(subprotocol, str) else None
-        if expect_hello:
-            assert (await sock.recv())["type"] == "hello"
-        return sock
-
-    async def send(self, frame: Any) -> None:
-        if self.fmt == "msgpack":
-            await self.c.send_to(bytes_data=msgpack.packb(frame))
-        else:
-            await self.c.send_to(text_data=json.dumps(frame))
-
-    async def recv_raw(self, timeout: float = 3) -> dict[str, Any]:
-        return await self.c.receive_output(timeout)
-
-    async def recv(self, timeout: float = 3) -> dict[str, Any]:
-        while True:
-            out = await self.c.receive_output(timeout)
-            assert out["type"] == "websocket.send", out
-            if self.fmt == "msgpack":
-                assert out.get("bytes") is not None, "msgpack sockets get binary frames"
-                frame = msgpack.unpackb(out["bytes"])
-            else:
-                assert out.get("text") is not None, "json sockets get text frames"
-                frame = json.loads(out["text"])
-            if frame["type"] == "ping":
-                await self.send({"type": "pong", "n": frame["n"]})
-                continue
-            return frame
-
-    async def events(self, timeout: float = 3) -> list[dict[str, Any]]:
-        frame = await self.recv(timeout)
-        return frame["messages"] if frame["type"] == "batch" else [frame]
-
-    async def expect(self, kind: str, timeout: float = 3) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            for frame in await self.events(max(0.01, deadline - loop.time())):
-                if frame["type"] == kind:
-                    return frame
-
-    async def gather(self, *kinds: str, timeout: float = 3) -> dict[str, dict[str, Any]]:
-        """The first frame of each kind, in whatever order they come."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        found: dict[str, dict[str, Any]] = {}
-        while len(found) < len(kinds):
-            for frame in await self.events(max(0.01, deadline - loop.time())):
-                if frame["type"] in kinds:
-                    found.setdefault(frame["type"], frame)
-        return found
-
-    async def join(self, room: str, **extra: Any) -> dict[str, Any]:
-        await self.send({"type": "join", "room": room, **extra})
-        return await self.expect("joined")
-
-    async def nothing(self) -> bool:
-        return await self.c.receive_nothing(0.2)
-
-    async def close(self) -> None:
-        await self.c.disconnect()
 
 
 @pytest.fixture
