@@ -421,6 +421,9 @@ class Client(asyncio.Protocol):
         except ValueError:
             worker.bad_frames += 1
             return
+        ts = frame.get("ts")
+        if isinstance(ts, int):  # the server's clock when it stored the message (ms)
+            worker.fanout.add(int(now * 1_000_000) - ts * 1000)
         us = int((now - sent) * 1_000_000)
         hist = worker.latency
         hist.counts[bucket(us)] += 1
@@ -436,8 +439,13 @@ class Client(asyncio.Protocol):
         if kind == "ping":
             self.send({"type": "pong", "n": frame.get("n")})
         elif kind == "ack":
-            if str(frame.get("client_id", "")).startswith(worker.marker):
+            client_id = str(frame.get("client_id", ""))
+            if client_id.startswith(worker.marker):
                 worker.acked += 1
+                with contextlib.suppress(ValueError):
+                    i = int(client_id[len(worker.marker) :])
+                    sent = worker.t0 + i / worker.plan.rate
+                    worker.ack.add(int((time.time() - sent) * 1_000_000))
         elif kind == "hello":
             if not self.hello.done():
                 self.hello.set_result(None)
@@ -544,7 +552,10 @@ class Worker:
         self.loop = loop
         self.marker = f"lt:{plan.run_id}:"
         self.clients: dict[int, Client] = {}
-        self.latency = Histogram()
+        self.latency = Histogram()  # scheduled send -> delivery received
+        self.fanout = Histogram()  # server's message ts -> delivery received
+        self.ack = Histogram()  # scheduled send -> ack received by the sender
+        self.t0 = 0.0
         self.connect_hist = Histogram()
         self.join_hist = Histogram()
         self.delivered = self.acked = self.rejected = self.errors = self.bad_frames = 0
@@ -689,6 +700,7 @@ class Worker:
             scheduled_per_room[room] += 1
             if sender % plan.workers == self.index:
                 mine.append(i)
+        self.t0 = t0
         expected_local = sum(s * m for s, m in zip(scheduled_per_room, members_local, strict=True))
         end = t0 + plan.duration
         window: dict[str, int] = {}
@@ -748,6 +760,8 @@ class Worker:
                 "posted": posted_per_room,
                 "window_delivered": window["delivered"],
                 "latency": self.latency.to_wire(),
+                "fanout": self.fanout.to_wire(),
+                "ack": self.ack.to_wire(),
             }
         )
 
@@ -1081,9 +1095,11 @@ class Coordinator:
         )
         self.progress.close()
 
-        latency = Histogram()
+        latency, fanout, ack = Histogram(), Histogram(), Histogram()
         for r in done:
             latency.merge(Histogram.from_wire(r["latency"]))
+            fanout.merge(Histogram.from_wire(r["fanout"]))
+            ack.merge(Histogram.from_wire(r["ack"]))
         rooms = len(plan.rooms)
         members = [sum(r["members"][k] for r in done) for k in range(rooms)]
         posted = [sum(r["posted"][k] for r in done) for k in range(rooms)]
@@ -1111,6 +1127,8 @@ class Coordinator:
             close_codes=_merge_counts(r["close_codes"] for r in done),
             deliveries_per_s=round(window_delivered / plan.duration),
             latency_ms=latency.summary(50, 95, 99, 100),
+            fanout_ms=fanout.summary(50, 95, 99, 100),
+            ack_ms=ack.summary(50, 95, 99, 100),
         )
         if gen0 is not None and gen1 is not None:
             result["generator_cpu_pct"] = round(100 * (gen1 - gen0) / 1e6 / plan.duration, 1)

@@ -265,6 +265,8 @@ def render(r: dict[str, Any]) -> str:
             + (f"  extra {r['extra']}" if r["extra"] else ""),
             f"deliveries/s     {r['deliveries_per_s']}",
             f"latency ms       {_ms(r['latency_ms'])}   (scheduled send -> received)",
+            f"  post ms        {_ms(r['ack_ms'])}   (scheduled send -> ack to the sender)",
+            f"  fan-out ms     {_ms(r['fanout_ms'])}   (message ts on the server -> received)",
         ]
         if r["closed_during"]:
             lines.append(f"closed by server {r['closed_during']}  codes {r['close_codes']}")
