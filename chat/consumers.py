@@ -81,6 +81,8 @@ class ChatConsumer(AsyncConsumer):
         await self.send_event({"type": "websocket.accept", "subprotocol": subprotocol})
         try:
             self.hub = await get_hub()
+            if self.hub.draining:
+                raise RuntimeError("draining")
         except Exception:
             logger.warning("chat: hub unavailable at connect", exc_info=True)
             await self.send_event(

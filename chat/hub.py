@@ -26,11 +26,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import random
+import signal
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from channels.layers import BaseChannelLayer, get_channel_layer
@@ -47,6 +49,7 @@ Send = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 EVENT_TYPE = "chat.room"
 CONTROL_TYPE = "chat.control"
+PROBE_TYPE = "chat.probe"
 CONTROL_GROUP = "chat.control"
 
 
@@ -261,6 +264,9 @@ class Hub:
         self.presence = Presence(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._kicks: set[asyncio.Task[None]] = set()
+        self.probe_back = time.monotonic()
+        self.draining = False
+        self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._started = asyncio.Event()
         self._starting = False
 
@@ -283,6 +289,9 @@ class Hub:
         self._tasks.append(loop.create_task(self._receive_loop(), name="chat-hub-receive"))
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="chat-hub-heartbeat"))
         self._tasks.append(loop.create_task(self.presence.run(), name="chat-hub-presence"))
+        self._tasks.append(loop.create_task(self._probe_loop(), name="chat-hub-probe"))
+        if settings.CHAT_DRAIN_ON_SIGTERM:
+            self._install_drain()
         self._started.set()
 
     async def stop(self) -> None:
@@ -404,6 +413,8 @@ class Hub:
                     self._on_room_event(event)
                 elif kind == CONTROL_TYPE:
                     self._on_control(event)
+                elif kind == PROBE_TYPE:
+                    self._on_probe(event)
             except Exception:
                 logger.exception("hub: failed to handle %r", event.get("type"))
 
@@ -527,6 +538,119 @@ class Hub:
             if room is not None:
                 room.members.discard(conn)
 
+    # --- layer health ------------------------------------------------------------------------
+    #
+    # Every CHAT_PROBE_INTERVAL the hub sends a probe through the layer to its own channel.
+    # Its round trip is the pub/sub lag metric; its absence means Redis is down or hung. While
+    # it is down, posts fail fast instead of waiting out a timeout each. When probes come back,
+    # every local socket is asked to `resync` its rooms (re-join with `since`), since events
+    # published during the outage reached no process.
+
+    async def _probe_loop(self) -> None:
+        assert self.channel is not None
+        interval = settings.CHAT_PROBE_INTERVAL
+        self.probe_back = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):  # a failed send is what the check below sees
+                await _layer_call(
+                    "probe", self.layer.send(self.channel, {"type": PROBE_TYPE, "at": time.time()})
+                )
+            silent = time.monotonic() - self.probe_back
+            if silent > 2 * interval + settings.CHAT_REDIS_TIMEOUT and not redis_clients.is_down():
+                logger.warning("hub: no probe back for %.1f s; treating Redis as down", silent)
+                redis_clients.mark_down()
+
+    async def round_trip(self) -> float:
+        """Send a probe through the layer and wait for it to come back; returns seconds."""
+        token = uuid.uuid4().hex
+        waiter = asyncio.get_running_loop().create_future()
+        self._probe_waiters[token] = waiter
+        started = time.monotonic()
+        try:
+            assert self.channel is not None
+            await _layer_call(
+                "probe",
+                self.layer.send(
+                    self.channel, {"type": PROBE_TYPE, "at": time.time(), "token": token}
+                ),
+            )
+            await waiter
+        finally:
+            self._probe_waiters.pop(token, None)
+        return time.monotonic() - started
+
+    def _on_probe(self, event: dict[str, Any]) -> None:
+        waiter = self._probe_waiters.get(event.get("token", ""))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.probe_back = time.monotonic()
+        metrics.LAYER_LAG.observe(max(0.0, time.time() - event["at"]))
+        if redis_clients.is_down():
+            redis_clients.mark_up()
+            logger.warning("hub: probes are back; asking local sockets to resync")
+            self.resync_all()
+
+    def resync_all(self) -> None:
+        """Ask every local socket to re-join its rooms with `since`, spread over a few seconds
+        so the rejoins do not arrive as one burst."""
+        loop = asyncio.get_running_loop()
+        spread = settings.CHAT_RESYNC_SPREAD
+        for room in self.rooms.values():
+            frame = protocol.resync(room=room.slug)
+            for conn in room.members:
+                loop.call_later(random.uniform(0, spread), conn.send_frame, frame)
+        metrics.RESYNCS.inc()
+
+    # --- graceful drain ------------------------------------------------------------------------
+    #
+    # SIGTERM: stop taking sockets, close the open ones with 4012 and a `reconnect` hint,
+    # spread over CHAT_DRAIN_SPREAD seconds so they land on the other processes gradually,
+    # withdraw this process's presence, then hand the signal to the server, which exits.
+
+    def _install_drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(self._begin_drain, previous)
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:
+            logger.info("hub: not in the main thread; SIGTERM drain not installed")
+
+    def _begin_drain(self, previous: Any) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        logger.warning("hub: SIGTERM, draining %d sockets", len(self.connections))
+        task = asyncio.get_running_loop().create_task(self.drain())
+        task.add_done_callback(lambda _: _chain_signal(previous))
+        self._tasks.append(task)
+
+    async def drain(self) -> None:
+        """Close every socket with RESTARTING, spread over the drain window; bounded in time."""
+        self.draining = True
+        conns = list(self.connections)
+        random.shuffle(conns)
+        spread = settings.CHAT_DRAIN_SPREAD
+        started = time.monotonic()
+        for index, conn in enumerate(conns):
+            due = started + spread * index / max(1, len(conns))
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if conn.closed:
+                continue
+            retry = random.randint(0, settings.CHAT_DRAIN_RETRY_MAX_MS)
+            conn.send_frame(protocol.reconnect(retry_ms=retry))
+            self._drop(conn, CloseCode.RESTARTING)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(settings.CHAT_REDIS_TIMEOUT):
+                await self.presence.withdraw()
+        await asyncio.sleep(0.2)  # let the close frames leave before the server stops
+
     # --- heartbeat ---------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -552,7 +676,11 @@ class Hub:
                 conn.ping()
 
 
-async def _layer_call(op: str, call: Awaitable[Any]) -> Any:
+class LayerDown(Exception):
+    """Redis is known to be down: the call was not attempted."""
+
+
+async def _layer_call(op: str, call: Coroutine[Any, Any, Any]) -> Any:
     """Await a channel-layer call with the Redis timeout: a broken Redis never hangs a caller."""
     try:
         async with asyncio.timeout(settings.CHAT_REDIS_TIMEOUT):
@@ -560,6 +688,15 @@ async def _layer_call(op: str, call: Awaitable[Any]) -> Any:
     except Exception:
         metrics.LAYER_ERRORS.labels(op).inc()
         raise
+
+
+async def _layer_call_unless_down(op: str, call: Coroutine[Any, Any, Any]) -> Any:
+    """Like _layer_call, but fail at once while the probe says Redis is down."""
+    if redis_clients.is_down():
+        call.close()
+        metrics.LAYER_ERRORS.labels(op).inc()
+        raise LayerDown(op)
+    return await _layer_call(op, call)
 
 
 async def publish(room_id: int, frame: Frame) -> None:
@@ -572,7 +709,7 @@ async def publish(room_id: int, frame: Frame) -> None:
     layer = get_channel_layer()
     assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
     event = {"type": EVENT_TYPE, "room": room_id, "frame": frame, "at": time.time()}
-    await _layer_call("group_send", layer.group_send(room_group(room_id), event))
+    await _layer_call_unless_down("group_send", layer.group_send(room_group(room_id), event))
 
 
 async def control(action: str, **payload: Any) -> None:
@@ -580,7 +717,16 @@ async def control(action: str, **payload: Any) -> None:
     layer = get_channel_layer()
     assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
     event = {"type": CONTROL_TYPE, "action": action, **payload}
-    await _layer_call("group_send", layer.group_send(CONTROL_GROUP, event))
+    await _layer_call_unless_down("group_send", layer.group_send(CONTROL_GROUP, event))
+
+
+def _chain_signal(previous: Any) -> None:
+    """Give SIGTERM to whoever had it before the hub (the ASGI server), so it shuts down."""
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _without_typing(frames: list[Frame], username: str) -> Encoded | None:

@@ -11,6 +11,9 @@ is a ChatError carrying `retry_after_ms`. If Redis fails to answer, posting is a
   posts on several processes can only ever be refused together, never admitted together.
 - slow mode: one post per room's slow_mode_seconds per user (moderators exempt).
 - repeat: the same text again in the same room within CHAT_REPEAT_WINDOW_SECONDS.
+
+While the hub's probe finds Redis down, each process falls back to its own in-memory
+limits rather than waiting on Redis for every post.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def check_post(
     Synchronous: it runs in the posting thread, next to the database work, with Redis
     socket timeouts of CHAT_REDIS_TIMEOUT.
     """
-    if redis_clients.configured():
+    if redis_clients.configured() and not redis_clients.is_down():
         try:
             _check_redis(
                 user_id=user_id,

@@ -91,7 +91,7 @@ class Presence:
 
     async def count(self, room_id: int) -> int:
         """The room's online count now, writing this process's pending changes for it first."""
-        if self.redis is None:
+        if self.redis is None or redis_clients.is_down():
             return self.local_count(room_id)
         pipe = self.redis.pipeline(transaction=False)
         self._queue_changes(pipe, room_id, time.time())
@@ -119,6 +119,17 @@ class Presence:
         if removed:
             pipe.zrem(key, *(self._entry(m) for m in removed))
 
+    async def withdraw(self) -> None:
+        """Remove every entry of this process (it is shutting down): counts heal at once."""
+        if self.redis is None:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for room_id, members in self.local.items():
+            if members:
+                pipe.zrem(self._key(room_id), *(self._entry(m) for m in members))
+        await pipe.execute()
+        self.local.clear()
+
     async def run(self) -> None:
         interval = settings.CHAT_PRESENCE_INTERVAL
         while True:
@@ -127,13 +138,15 @@ class Presence:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 metrics.LAYER_ERRORS.labels("presence").inc()
-                logger.warning("presence: update failed; retrying next interval", exc_info=True)
+                logger.warning("presence: update failed (%s); retrying next interval", exc)
 
     async def tick(self) -> None:
         """Write changes, read counts, and push changed counts to local members."""
         if self.redis is not None:
+            if redis_clients.is_down():
+                return  # counts stay as they were; the probe's recovery brings them back
             await self._sync_redis()
         else:
             self.added.clear()

@@ -57,6 +57,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     BANNED = 4003
     SLOW_CONSUMER = 4008
+    RESTARTING = 4012
     FRAME_TOO_BIG = 4009
     HEARTBEAT_TIMEOUT = 4010
     TRY_AGAIN = 4013
@@ -353,6 +354,16 @@ def notice(*, room: str | None, detail: str, ref: str | None = None) -> Frame:
     if ref is not None:
         frame["ref"] = ref
     return frame
+
+
+def reconnect(*, retry_ms: int) -> Frame:
+    """This server is going away: reconnect (to another) after `retry_ms`, with `since`."""
+    return {"type": "reconnect", "retry_ms": retry_ms}
+
+
+def resync(*, room: str) -> Frame:
+    """Events of this room may have been missed (a broker outage): re-join with `since`."""
+    return {"type": "resync", "room": room}
 
 
 def history(*, room: str, messages: list[Frame], more: bool) -> Frame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import weakref
 from typing import Any
 
@@ -19,6 +20,26 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 _async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+
+
+# Set by the hub's probe (chat.hub) when Redis stops answering, cleared when it answers again.
+# Callers on a hot path (posting, limits, presence) skip Redis at once while it is set.
+_down_since: float | None = None
+
+
+def is_down() -> bool:
+    return _down_since is not None
+
+
+def mark_down() -> None:
+    global _down_since
+    if _down_since is None:
+        _down_since = time.monotonic()
+
+
+def mark_up() -> None:
+    global _down_since
+    _down_since = None
 
 
 def configured() -> bool:

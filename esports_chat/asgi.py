@@ -16,6 +16,9 @@ http_application = get_asgi_application()
 
 from chat.auth import SocketGate  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from monitoring import exporter  # noqa: E402
+
+exporter.start_from_settings()
 
 if settings.DEBUG:
     # Local runs serve /static/ from the app; production puts nginx in front of collectstatic.

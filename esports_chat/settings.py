@@ -256,6 +256,20 @@ CHAT_SOCKET_FRAMES_PER_10S = _env_int("CHAT_SOCKET_FRAMES_PER_10S", 300, minimum
 # Heartbeat: a ping every interval; a socket silent to pings for the timeout is closed.
 CHAT_HEARTBEAT_INTERVAL = _env_float("CHAT_HEARTBEAT_INTERVAL", 30.0, minimum=0.05)
 CHAT_HEARTBEAT_TIMEOUT = _env_float("CHAT_HEARTBEAT_TIMEOUT", 60.0, minimum=0.1)
+# The hub's probe through the layer: its round trip is the pub/sub lag; without it for
+# 2 intervals plus CHAT_REDIS_TIMEOUT, Redis counts as down (posts fail fast) until it
+# returns, and then sockets are asked to resync over CHAT_RESYNC_SPREAD seconds.
+CHAT_PROBE_INTERVAL = _env_float("CHAT_PROBE_INTERVAL", 1.0, minimum=0.05)
+CHAT_RESYNC_SPREAD = _env_float("CHAT_RESYNC_SPREAD", 2.0, minimum=0.0)
+# Graceful drain on SIGTERM: sockets are closed (4012, with a jittered reconnect hint of up
+# to CHAT_DRAIN_RETRY_MAX_MS) spread over CHAT_DRAIN_SPREAD seconds, then the process exits.
+CHAT_DRAIN_ON_SIGTERM = _env_bool("CHAT_DRAIN_ON_SIGTERM", True)
+CHAT_DRAIN_SPREAD = _env_float("CHAT_DRAIN_SPREAD", 5.0, minimum=0.0)
+CHAT_DRAIN_RETRY_MAX_MS = _env_int("CHAT_DRAIN_RETRY_MAX_MS", 5000, minimum=0)
+# Each server process serves Prometheus metrics on its own port (0: none). Run several
+# processes with different values; management commands never start the exporter.
+CHAT_METRICS_PORT = _env_int("CHAT_METRICS_PORT", 0, minimum=0, maximum=65535)
+CHAT_METRICS_ADDR = _env_str("CHAT_METRICS_ADDR", "127.0.0.1")
 # Presence: counts are refreshed and pushed at most once per interval per room.
 CHAT_PRESENCE_INTERVAL = _env_float("CHAT_PRESENCE_INTERVAL", 1.0, minimum=0.05)
 CHAT_PRESENCE_TTL = _env_float("CHAT_PRESENCE_TTL", 30.0, minimum=1.0)

@@ -44,6 +44,14 @@ RATE_LIMITED = Counter(
 MODERATION_ACTIONS = Counter(
     "chat_moderation_actions_total", "Moderation actions taken, by action.", ["action"]
 )
+LAYER_LAG = Histogram(
+    "chat_layer_probe_seconds",
+    "Round trip of the hub's probe through the channel layer (Redis pub/sub lag).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+RESYNCS = Counter(
+    "chat_resyncs_total", "Times this process asked its sockets to resync after an outage."
+)
 LAYER_ERRORS = Counter(
     "chat_layer_errors_total", "Channel-layer or Redis calls that failed or timed out.", ["op"]
 )

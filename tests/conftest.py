@@ -15,7 +15,7 @@ from django.contrib.auth.hashers import make_password
 from django.db import connection
 
 from chat import hub as hub_module
-from chat import limits
+from chat import limits, redis_clients
 from chat.auth import token_issue
 from chat.models import Room
 from tests.support import RedisServer, ServerProcess
@@ -60,6 +60,9 @@ def _layers(request: pytest.FixtureRequest, settings: Any) -> Iterator[None]:
         settings.CHANNEL_LAYERS = IN_MEMORY_LAYERS
     channel_layers.backends.clear()
     limits.reset_local()
+    redis_clients.mark_up()
+    # In-process hubs run in pytest's main thread: SIGTERM stays pytest's.
+    settings.CHAT_DRAIN_ON_SIGTERM = False
     yield
     channel_layers.backends.clear()
 
