@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import authenticate
@@ -19,24 +20,28 @@ def _user_id(request: HttpRequest) -> int | None:
     return request.user.pk if request.user.is_authenticated else None
 
 
-@require_GET
-def index(request: HttpRequest) -> HttpResponse:
+def _room_listing(request: HttpRequest) -> list[dict[str, Any]]:
+    """The rooms this visitor may join, with their online counts."""
     rooms = selectors.room_list_visible(user_id=_user_id(request))
     online = presence.online_counts([room.id for room in rooms])
-    listing = [{"room": room, "online": online.get(room.id, 0)} for room in rooms]
-    return render(request, "chat/index.html", {"rooms": listing})
+    return [{"room": room, "online": online.get(room.id, 0)} for room in rooms]
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "chat/index.html", {"rooms": _room_listing(request)})
 
 
 @require_GET
 def room(request: HttpRequest, slug: str) -> HttpResponse:
-    info = selectors.room_get(slug=slug)
-    visible = {r.slug for r in selectors.room_list_visible(user_id=_user_id(request))}
-    if info is None or info.slug not in visible:
+    listing = _room_listing(request)
+    info = next((entry["room"] for entry in listing if entry["room"].slug == slug), None)
+    if info is None:
         raise Http404("no such room")
     return render(
         request,
         "chat/room.html",
-        {"room": info, "max_body": settings.CHAT_MAX_MESSAGE_LENGTH},
+        {"room": info, "rooms": listing, "max_body": settings.CHAT_MAX_MESSAGE_LENGTH},
     )
 
 
