@@ -292,6 +292,9 @@ class Hub:
         self._tasks.append(loop.create_task(self._probe_loop(), name="chat-hub-probe"))
         if settings.CHAT_DRAIN_ON_SIGTERM:
             self._install_drain()
+        metrics.MEMORY_PER_SOCKET.set_function(
+            lambda: metrics.process_rss_bytes() / max(1, len(self.connections))
+        )
         self._started.set()
 
     async def stop(self) -> None:

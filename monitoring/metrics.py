@@ -6,10 +6,17 @@ never once per socket, so metrics stay off the per-delivery cost.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SOCKETS_OPEN = Gauge("chat_sockets_open", "WebSocket connections open in this process.")
 ROOMS_LOCAL = Gauge("chat_rooms_local", "Rooms with at least one member in this process.")
+
+MEMORY_PER_SOCKET = Gauge(
+    "chat_memory_per_socket_bytes",
+    "Resident memory of this process divided by its open sockets (all of it when none).",
+)
 
 CONNECTS = Counter("chat_connects_total", "Sockets accepted.")
 DISCONNECTS = Counter(
@@ -55,3 +62,15 @@ RESYNCS = Counter(
 LAYER_ERRORS = Counter(
     "chat_layer_errors_total", "Channel-layer or Redis calls that failed or timed out.", ["op"]
 )
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process, from /proc (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -75,6 +75,12 @@ async def test_each_process_serves_its_own_metrics(
     assert "chat_messages_posted_total 0.0" in second
     assert 'chat_frames_out_total{type="message"}' in second
     assert "chat_delivery_latency_seconds_bucket" in second
+    per_socket = next(
+        float(line.split()[1])
+        for line in second.splitlines()
+        if line.startswith("chat_memory_per_socket_bytes ")
+    )
+    assert 1_000_000 < per_socket < 1_000_000_000  # one socket: the whole process RSS
     await a.close()
     await b.close()
 
