@@ -58,10 +58,11 @@ class Scenario:
     timeout: float = 600.0
 
 
-# The server's connect path (token, profile and sanction queries, room lookup, history) costs
-# ~20 ms of CPU per socket at the commit measured, so the load scenarios open their sockets at
-# a pace one process absorbs; the storm scenarios (e) measure the connect path itself.
-CONNECT_RATE = 40  # per server process
+# The server's connect path (profile, permission and sanction queries, room lookup, history,
+# each database_sync_to_async call on a fresh SQLite connection, all on one thread) takes
+# ~20-25 ms per socket at the commits measured, so the load scenarios open their sockets at a
+# pace one process absorbs; the storm scenarios (e) measure the connect path itself.
+CONNECT_RATE = 25  # per server process
 
 
 def _load(sockets: int, rooms: int, rate: float, *, processes: int = 1, duration: int = 20,
@@ -70,6 +71,7 @@ def _load(sockets: int, rooms: int, rate: float, *, processes: int = 1, duration
         *("--sockets", str(sockets), "--rooms", str(rooms), "--rate", f"{rate:g}"),
         *("--duration", str(duration), "--connect-rate", str(CONNECT_RATE * processes)),
         *("--connect-timeout", "30", "--workers", str(workers), "--drain", "15"),
+        *("--warmup", "2"),
     ]
 
 
@@ -406,6 +408,10 @@ def run_one(scenario: Scenario, src: Path, commit: str, profile: bool) -> dict[s
             gen.kill()
             out, err = gen.communicate()
             record["error"] = f"load test killed after {scenario.timeout:.0f}s"
+        finally:
+            if gen.poll() is None:
+                gen.kill()
+                gen.wait(5)
         record["wall_seconds"] = round(time.monotonic() - started, 1)
         record["servers_alive"] = stack.alive()
         if gen.returncode == 0 and out.strip():
@@ -569,6 +575,8 @@ def main() -> None:
     table.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     sub.add_parser("machine")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every server, Redis and load test started gets stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.cmd == "list":
         for s in SCENARIOS:
