@@ -289,6 +289,13 @@ export class ChatClient extends EventTarget {
       case "error":
         this._error(frame);
         return;
+      case "left": {
+        // Also sent unasked when a moderator takes this user out of the room.
+        const state = this.rooms.get(frame.room);
+        if (state) state.joined = false;
+        this._emit("left", frame);
+        return;
+      }
       case "notice":
         // The answer to a moderator command settles it like an ack.
         if (frame.ref != null && this.outbox.delete(frame.ref)) this._emitOutbox();

@@ -46,6 +46,7 @@ let unreadBelow = 0;
 let roomRules = { slow_mode: 0, read_only: false };
 let slowUntil = 0;
 let countdown = null;
+let removed = false;
 const typers = new Map(); // username -> timer
 
 // --- time --------------------------------------------------------------------------------
@@ -346,6 +347,10 @@ function startTyping(user) {
   renderTyping();
 }
 
+function stopTypingAll() {
+  for (const user of [...typers.keys()]) stopTyping(user);
+}
+
 function stopTyping(user) {
   if (!typers.has(user)) return;
   clearTimeout(typers.get(user));
@@ -428,10 +433,14 @@ function toast(text, kind = "info") {
 function updateComposer() {
   if (!input) return;
   const readOnly = roomRules.read_only && !client.moderator;
-  input.disabled = readOnly;
-  input.placeholder = readOnly ? "This room is read-only" : `Message #${room}`;
+  input.disabled = readOnly || removed;
+  input.placeholder = removed
+    ? "You can't post here right now"
+    : readOnly
+      ? "This room is read-only"
+      : `Message #${room}`;
   const waiting = Date.now() < slowUntil && !client.moderator;
-  sendButton.disabled = readOnly || waiting;
+  sendButton.disabled = input.disabled || waiting;
 }
 
 function updateCounter() {
@@ -542,6 +551,7 @@ client.addEventListener("hello", (e) => {
 client.addEventListener("joined", (e) => {
   const frame = e.detail;
   if (frame.room !== room) return;
+  removed = false;
   const stick = nearBottom();
   if (!frame.resumed) {
     // A first join, or a gap too long to replay: start from the newest page.
@@ -613,12 +623,36 @@ client.addEventListener("notice", (e) => {
 });
 client.addEventListener("error", (e) => {
   const frame = e.detail;
+  if (frame.code === "banned" && (frame.ref == null || frame.ref === room)) {
+    showBanner(frame.detail);
+    if (frame.ref === room && frame.expires_ms) rejoinAt(frame.expires_ms);
+    return;
+  }
   if (frame.ref === room && ["unknown_room", "forbidden", "auth_required"].includes(frame.code)) {
     showBanner(frame.detail);
     return;
   }
   if (frame.detail) toast(frame.detail, "error");
 });
+client.addEventListener("left", (e) => {
+  if (e.detail.room !== room) return;
+  removed = true; // a moderator took this player out of the room
+  stopTypingAll();
+  updateComposer();
+});
+
+// A timeout ends by itself: come back into the room when it does.
+let rejoinTimer = null;
+function rejoinAt(expiresMs) {
+  clearTimeout(rejoinTimer);
+  rejoinTimer = setTimeout(
+    () => {
+      setBannerHidden(true);
+      client.join(room);
+    },
+    Math.max(0, expiresMs - Date.now()) + 1000,
+  );
+}
 client.addEventListener("terminated", (e) => {
   showBanner(
     e.detail.why === "banned"
