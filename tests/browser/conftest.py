@@ -50,10 +50,11 @@ def _hub_stopped() -> None:
     Playwright's loop, running in this thread, leaves no room for a second one."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(django_db_setup: None) -> Iterator[Browser]:
-    """One Chromium for the session. The test database is set up first: Playwright's
-    event loop in this thread would make Django refuse to create it."""
+    """One Chromium per test module. Playwright's sync API keeps its event loop running in
+    this thread while it is up, so it must be gone before the suite's asyncio tests run
+    (hence not session scope), and the test database must exist before it starts."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing: apt-get install -y chromium"
         if os.environ.get("CI"):

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Dialog, expect
+from playwright.sync_api import Dialog, Page, expect
 
 from chat.models import Message
 from tests.browser.pages import Chat, messages, send
@@ -45,6 +45,15 @@ def test_two_players_see_each_others_messages_live(
     for page in (alice, bob):
         expect(messages(page)).to_have_count(2)
         expect(page.locator("#messages li.pending")).to_have_count(0)
+
+    # While Bob's tab is in the background, its title counts what he has not seen.
+    title = bob.title()
+    _set_hidden(bob, True)
+    send(alice, "you there?")
+    send(alice, "bob??")
+    expect(bob).to_have_title(f"(2) {title}")
+    _set_hidden(bob, False)
+    expect(bob).to_have_title(title)
 
 
 def test_late_joiner_sees_history_in_local_time(chat: Chat, make_user: Any, make_room: Any) -> None:
@@ -140,3 +149,17 @@ def test_anonymous_visitor_reads_and_is_invited_to_log_in(
 def re_class(name: str) -> re.Pattern[str]:
     """Matches a class attribute that has `name` among its classes."""
     return re.compile(rf"(^|\s){re.escape(name)}(\s|$)")
+
+
+def _set_hidden(page: Page, hidden: bool) -> None:
+    """Play the tab going to the background (or back), as the Page Visibility API reports."""
+    page.evaluate(
+        """hidden => {
+            Object.defineProperty(document, "hidden", { value: hidden, configurable: true });
+            Object.defineProperty(document, "visibilityState", {
+                value: hidden ? "hidden" : "visible", configurable: true,
+            });
+            document.dispatchEvent(new Event("visibilitychange"));
+        }""",
+        hidden,
+    )
