@@ -101,14 +101,16 @@ async def test_sigterm_drains_sockets_with_a_reconnect_hint_and_exits(
     assert server.proc is not None
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    closed_at = []
-    for client in clients:
+
+    async def closed(client: Client) -> float:
         hint = await client.expect("reconnect", timeout=5)
         assert 0 <= hint["retry_ms"] <= 3000
         with pytest.raises(Exception):  # noqa: B017 - the close ends the stream
             await client.recv(timeout=5)
         assert client.ws.close_code == 4012
-        closed_at.append(time.monotonic() - started)
+        return time.monotonic() - started
+
+    closed_at = await asyncio.gather(*(closed(client) for client in clients))
     assert max(closed_at) - min(closed_at) > 0.3, "closes are spread, not all at once"
     await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 15)
     assert time.monotonic() - started < 10
