@@ -144,16 +144,7 @@ class Connection:
     async def _finish(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
         """Resume a send the server parked, then flush the backlog in order."""
         try:
-            while True:
-                if yielded is None:
-                    await asyncio.sleep(0)
-                else:
-                    with contextlib.suppress(Exception):
-                        await yielded
-                try:
-                    yielded = coro.send(None)
-                except StopIteration:
-                    break
+            await _resume(coro, yielded)
             while self.backlog and not self.closed:
                 await self._send(self.backlog.popleft())
         except asyncio.CancelledError:
@@ -210,16 +201,31 @@ class Connection:
         except Exception:
             return
         # Uvicorn parks the close too when the peer is not reading; let it finish on its own.
-        asyncio.get_running_loop().create_task(self._finish_close(coro, yielded))
+        asyncio.get_running_loop().create_task(_resume_quietly(coro, yielded))
 
-    async def _finish_close(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-        with contextlib.suppress(Exception):
-            while True:
-                await (asyncio.sleep(0) if yielded is None else yielded)
-                try:
-                    yielded = coro.send(None)
-                except StopIteration:
-                    return
+
+async def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Finish a coroutine that was started by hand and parked at `yielded`.
+
+    Does what a Task would: wait for the future it yielded (or give the loop a turn for a
+    bare yield), then step it again, until it returns. A failed future raises inside the
+    coroutine when it is resumed, as it would under a Task.
+    """
+    while True:
+        if yielded is None:
+            await asyncio.sleep(0)
+        else:
+            with contextlib.suppress(Exception):
+                await yielded
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
+async def _resume_quietly(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    with contextlib.suppress(Exception):
+        await _resume(coro, yielded)
 
 
 class LocalRoom:
