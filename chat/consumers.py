@@ -157,7 +157,7 @@ class ChatConsumer(AsyncConsumer):
         except ProtocolError as exc:
             self._error(exc.code, exc.detail, ref=exc.ref)
             return
-        metrics.FRAMES_IN.labels(type(frame).__name__.lower()).inc()
+        metrics.FRAMES_IN.labels(protocol.type_name(frame)).inc()
         try:
             await self._handle(conn, frame)
         except ChatError as exc:

@@ -144,6 +144,11 @@ class Pong:
 ClientFrame = Join | Leave | Post | Typing | HistoryRequest | Ping | Pong
 
 
+def type_name(frame: ClientFrame) -> str:
+    """The wire `type` a parsed client frame came with."""
+    return _TYPE_NAMES[type(frame)]
+
+
 def decode(data: str | bytes, fmt: WireFormat) -> Any:
     """Decode one WebSocket message into a Python value, or raise ProtocolError."""
     try:
@@ -254,6 +259,17 @@ _PARSERS: Final[dict[str, Callable[[Frame], ClientFrame]]] = {
     "history": _parse_history,
     "ping": _parse_ping,
     "pong": _parse_pong,
+}
+
+
+_TYPE_NAMES: Final[dict[type, str]] = {
+    Join: "join",
+    Leave: "leave",
+    Post: "message",
+    Typing: "typing",
+    HistoryRequest: "history",
+    Ping: "ping",
+    Pong: "pong",
 }
 
 
