@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -366,7 +367,46 @@ def _git(*args: str) -> str:
     ).stdout.strip()
 
 
-def run_one(scenario: Scenario, src: Path, commit: str, profile: bool) -> dict[str, Any]:
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (all cores)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _HZ
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _HZ
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(max_wait: float, threshold: float) -> float:
+    """Wait until other processes use less than `threshold` cores; returns what they used."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before, started = machine_busy_seconds(), time.monotonic()
+        time.sleep(3)
+        busy = (machine_busy_seconds() - before) / (time.monotonic() - started)
+        if busy < threshold or time.monotonic() > deadline:
+            return round(busy, 2)
+        print(f"  machine busy ({busy:.2f} cores used by others); waiting", flush=True)
+        time.sleep(10)
+
+
+def run_one(
+    scenario: Scenario, src: Path, commit: str, profile: bool, quiet: tuple[float, float]
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"chat-bench-{scenario.name}-"))
     stack = Stack(scenario, src, workdir)
     record: dict[str, Any] = {
@@ -384,6 +424,7 @@ def run_one(scenario: Scenario, src: Path, commit: str, profile: bool) -> dict[s
         "args": scenario.args,
     }
     spy: subprocess.Popen[bytes] | None = None
+    record["busy_before_cores"] = wait_for_quiet(*quiet)
     try:
         stack.start()
         command = [
@@ -396,6 +437,12 @@ def run_one(scenario: Scenario, src: Path, commit: str, profile: bool) -> dict[s
             command.append(f"--redis-pid={stack.redis.pid}")
         command = pinned(scenario.generator_cpus, command)
         record["command"] = command
+        servers = [*stack.server_pids(), *([stack.redis.pid] if stack.redis else [])]
+        mark = (
+            machine_busy_seconds(),
+            sum(proc_cpu_seconds(pid) for pid in servers),
+            children_cpu_seconds(),
+        )
         started = time.monotonic()
         gen = subprocess.Popen(
             command, cwd=src, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -412,7 +459,13 @@ def run_one(scenario: Scenario, src: Path, commit: str, profile: bool) -> dict[s
             if gen.poll() is None:
                 gen.kill()
                 gen.wait(5)
-        record["wall_seconds"] = round(time.monotonic() - started, 1)
+        wall = time.monotonic() - started
+        record["wall_seconds"] = round(wall, 1)
+        # CPU the rest of the machine used meanwhile (other people's work on a shared box):
+        # everything, minus our servers and Redis, minus the load test and its workers.
+        ours = sum(proc_cpu_seconds(pid) for pid in servers) - mark[1]
+        ours += children_cpu_seconds() - mark[2]
+        record["others_cores"] = round((machine_busy_seconds() - mark[0] - ours) / wall, 2)
         record["servers_alive"] = stack.alive()
         if gen.returncode == 0 and out.strip():
             record["result"] = json.loads(out)
@@ -506,6 +559,8 @@ def medians(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         commit = runs[-1]["commit"]
         runs = [r for r in runs if r["commit"] == commit]
         row: dict[str, Any] = {"runs": len(runs), "commit": commit[:10], "title": runs[-1]["title"]}
+        others = [r["others_cores"] for r in runs if r.get("others_cores") is not None]
+        row["others"] = max(others) if others else None
         for _, key, get in METRICS:
             values = [v for v in (get(r["result"]) for r in runs) if v is not None]
             row[key] = statistics.median(values) if values else None
@@ -516,14 +571,15 @@ def medians(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def print_table(path: Path, names: list[str]) -> None:
     table = medians(load_results(path))
     keys = [m for m in METRICS if any(row.get(m[1]) is not None for row in table.values())]
-    print("| scenario | runs | " + " | ".join(label for label, _, _ in keys) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+    print("| scenario | runs | " + " | ".join(label for label, _, _ in keys) + " | others |")
+    print("| --- | --- | " + " | ".join("---" for _ in keys) + " | --- |")
     for name in names or sorted(table):
         row = table.get(name)
         if row is None:
             continue
         cells = ["-" if row[k] is None else f"{row[k]:g}" for _, k, _ in keys]
-        print(f"| {name} | {row['runs']} | " + " | ".join(cells) + " |")
+        others = "-" if row["others"] is None else f"{row['others']:g}"
+        print(f"| {name} | {row['runs']} | " + " | ".join(cells) + f" | {others} |")
 
 
 def machine() -> dict[str, Any]:
@@ -554,7 +610,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": packages,
         "redis": redis_version,
-        "nofile": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
         "port_range": Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split(),
     }
@@ -570,6 +626,13 @@ def main() -> None:
     run.add_argument("--ref", default="HEAD", help="git ref to run, or 'worktree'")
     run.add_argument("--profile", action="store_true", help="py-spy the first server")
     run.add_argument("--results", type=Path, default=OUT / "results.jsonl")
+    run.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.3,
+        help="start a run only once other processes use fewer cores than this",
+    )
+    run.add_argument("--max-wait", type=float, default=900, help="seconds to wait for that")
     table = sub.add_parser("table")
     table.add_argument("scenarios", nargs="*")
     table.add_argument("--results", type=Path, default=OUT / "results.jsonl")
@@ -593,7 +656,8 @@ def main() -> None:
         with source(args.ref) as (src, commit):
             for _ in range(args.repeat):
                 for scenario in chosen:
-                    record = run_one(scenario, src, commit, args.profile)
+                    quiet = (args.max_wait, args.quiet_below)
+                    record = run_one(scenario, src, commit, args.profile, quiet)
                     with args.results.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                     _print_record(record)
@@ -611,7 +675,12 @@ def _print_record(record: dict[str, Any]) -> None:
             value = get(result)
             if value is not None:
                 parts.append(f"{label}={value}")
-    print(f"{record['scenario']} ({record['wall_seconds']}s): " + ", ".join(parts), flush=True)
+    others = record.get("others_cores")
+    print(
+        f"{record['scenario']} ({record['wall_seconds']}s, others {others} cores): "
+        + ", ".join(parts),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
