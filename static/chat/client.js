@@ -62,7 +62,8 @@ export class ChatClient extends EventTarget {
     this.retryAt = 0;
     this.watchdog = null;
     this.lastFrameAt = 0;
-    this.helloAt = 0;
+    this.helloAt = 0; // when the current connection said hello; 0 while there is none
+    this.everConnected = false;
     this._onOnline = () => this.retryNow();
     this._onOffline = () => this._drop("offline");
     this._onVisible = () => {
@@ -160,7 +161,7 @@ export class ChatClient extends EventTarget {
 
   _open() {
     this.retryTimer = null;
-    this._setState(this.attempt === 0 && this.helloAt === 0 ? "connecting" : "reconnecting");
+    this._setState(this.everConnected || this.attempt > 0 ? "reconnecting" : "connecting");
     let socket;
     try {
       socket = new WebSocket(this.url, ["chat.json"]);
@@ -192,7 +193,9 @@ export class ChatClient extends EventTarget {
     this.socket = null;
     this._stopWatchdog();
     for (const state of this.rooms.values()) state.joined = false;
+    // Backoff grows across failed attempts; only a connection that stayed up resets it.
     if (this.helloAt && Date.now() - this.helloAt > HEALTHY_AFTER_MS) this.attempt = 0;
+    this.helloAt = 0;
     if (this.stopped) {
       this._setState("disconnected");
       return;
@@ -311,6 +314,7 @@ export class ChatClient extends EventTarget {
     this.user = frame.user ?? null;
     this.moderator = frame.moderator === true;
     this.helloAt = Date.now();
+    this.everConnected = true;
     this._startWatchdog(frame.heartbeat_ms || 30000);
     this._setState("connected");
     this._emit("hello", frame);

@@ -1,0 +1,274 @@
+"""static/chat/client.js on its own, in Chromium, against a scripted socket.
+
+No server here: the page and the module are served from disk, WebSocket is replaced by a
+fake the test drives frame by frame, and timers are recorded instead of waited for, so
+the backoff schedule, close-code rules and resume logic are checked exactly and at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, Route
+
+pytestmark = [pytest.mark.browser]
+
+STATIC = Path(__file__).resolve().parents[2] / "static"
+ORIGIN = "http://chat.test"
+
+# A WebSocket the test drives, and timers that only record what they were asked to do.
+HARNESS = """
+<!doctype html><meta charset="utf-8"><title>client.js</title>
+<script type="module">
+class FakeSocket {
+  static OPEN = 1;
+  static all = [];
+  constructor(url, protocols) {
+    Object.assign(this, { url, protocols, readyState: 0, sent: [] });
+    FakeSocket.all.push(this);
+  }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code) { this.readyState = 3; this.closedWith = code; }
+  open() { this.readyState = 1; this.onopen?.(); }
+  receive(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+  drop(code, reason = "") { this.readyState = 3; this.onclose?.({ code, reason }); }
+}
+const timers = [];
+window.WebSocket = FakeSocket;
+window.setTimeout = (fn, delay) => timers.push({ fn, delay });
+window.clearTimeout = () => {};
+window.setInterval = () => 0;
+window.clearInterval = () => {};
+const { ChatClient, retryHint } = await import("/static/chat/client.js");
+window.harness = {
+  FakeSocket, timers, ChatClient, retryHint,
+  socket: () => FakeSocket.all.at(-1),
+  // Run the one pending timer (the scheduled reconnect) and return its delay.
+  fire() { const t = timers.shift(); t.fn(); return t.delay; },
+  record(client) {
+    const events = [];
+    for (const type of ["state", "message", "ack", "joined", "terminated", "failed"]) {
+      client.addEventListener(type, (e) => events.push([type, e.detail]));
+    }
+    return events;
+  },
+};
+document.title = "ready";
+</script>
+"""
+
+
+def _serve(route: Route) -> None:
+    path = route.request.url.removeprefix(ORIGIN)
+    if path.startswith("/static/"):
+        file = STATIC / path.removeprefix("/static/")
+        route.fulfill(path=file, content_type="text/javascript")
+    else:
+        route.fulfill(body=HARNESS, content_type="text/html")
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.route(f"{ORIGIN}/**", _serve)
+    page.goto(f"{ORIGIN}/")
+    page.wait_for_function("document.title === 'ready'")
+    yield page
+    context.close()
+
+
+def run(page: Page, script: str) -> Any:
+    """Evaluate an async function body with `h` bound to the harness."""
+    return page.evaluate(f"async () => {{ const h = window.harness; {script} }}")
+
+
+def test_backoff_doubles_from_half_a_second_up_to_a_cap_of_twenty(page: Page) -> None:
+    """With the jitter at its top, failed attempts wait 0.5, 1, 2, 4 ... seconds, never
+    more than 20."""
+    delays = run(
+        page,
+        """
+        Math.random = () => 1;
+        const client = new h.ChatClient({ url: "ws://chat.test/ws/chat/" });
+        client.connect();
+        const delays = [];
+        for (let i = 0; i < 8; i++) { h.socket().drop(1006); delays.push(h.fire()); }
+        return [delays, client.state];
+        """,
+    )
+    assert delays == [[500, 1000, 2000, 4000, 8000, 16000, 20000, 20000], "reconnecting"]
+
+
+def test_jitter_spreads_each_wait_over_the_whole_step(page: Page) -> None:
+    """Full jitter: the wait is a random fraction of the step, down to no wait at all."""
+    delays = run(
+        page,
+        """
+        const client = new h.ChatClient();
+        client.connect();
+        const delays = [];
+        for (const r of [0, 0.25, 0.5]) {
+          Math.random = () => r;
+          h.socket().drop(1006);
+          delays.push(h.fire());
+        }
+        return delays;
+        """,
+    )
+    assert delays == [0, 250, 1000]
+
+
+@pytest.mark.parametrize(("code", "why"), [(4001, "unauthorized"), (4003, "banned")])
+def test_unauthorized_and_banned_closes_end_the_session(page: Page, code: int, why: str) -> None:
+    """After 4001 or 4003 the client does not reconnect and says why."""
+    result = run(
+        page,
+        f"""
+        const client = new h.ChatClient();
+        const events = h.record(client);
+        client.connect();
+        h.socket().open();
+        h.socket().receive({{ type: "hello", user: "alice", heartbeat_ms: 30000 }});
+        h.socket().drop({code});
+        return [h.timers.length, client.state, events.at(-1)];
+        """,
+    )
+    assert result == [0, "disconnected", ["terminated", {"code": code, "reason": "", "why": why}]]
+
+
+@pytest.mark.parametrize("code", [1001, 1006, 1012, 1013, 4008, 4009, 4010, 4013])
+def test_other_closes_reconnect(page: Page, code: int) -> None:
+    """Going away, restarts, slow consumer, heartbeat: all mean 'come back with since'."""
+    scheduled = run(
+        page,
+        f"""
+        const client = new h.ChatClient();
+        client.connect();
+        h.socket().drop({code});
+        return h.timers.length;
+        """,
+    )
+    assert scheduled == 1
+
+
+def test_a_retry_hint_in_the_close_reason_is_honoured(page: Page) -> None:
+    """A close reason carrying {"retry_ms": N} makes the client wait at least N ms."""
+    result = run(
+        page,
+        """
+        Math.random = () => 0;
+        const client = new h.ChatClient();
+        client.connect();
+        h.socket().drop(4013, 'try later {"retry_ms": 7000}');
+        return [h.fire(), h.retryHint("no hint"), h.retryHint('{"retry_ms": "x"}')];
+        """,
+    )
+    assert result == [7000, None, None]
+
+
+def test_resume_with_since_resend_with_the_same_client_id_and_no_duplicates(
+    page: Page,
+) -> None:
+    """Pings are answered with their n, batches unpacked in order; after a drop the room is
+    re-joined with the last id seen, the unacked message is resent with its client_id, and
+    a message seen before is not reported again."""
+    result = run(
+        page,
+        """
+        Math.random = () => 0;
+        const client = new h.ChatClient();
+        const events = h.record(client);
+        client.join("final");
+        client.connect();
+        const one = h.socket();
+        one.open();
+        one.receive({ type: "hello", user: "alice", moderator: false, heartbeat_ms: 30000 });
+        const m = (id, user = "bob", extra = {}) =>
+          ({ type: "message", room: "final", id, user, body: `m${id}`, ts: id, ...extra });
+        one.receive({ type: "joined", room: "final", history: [m(5)], online: 2, more: true });
+        const clientId = client.post("final", "gg");
+        one.receive({ type: "ping", n: 7 });
+        one.receive({ type: "batch", messages: [m(6), m(7)] });
+        one.drop(1006);
+        h.fire();
+        const two = h.socket();
+        two.open();
+        two.receive({ type: "hello", user: "alice", heartbeat_ms: 30000 });
+        two.receive({ type: "joined", room: "final", history: [m(8)], online: 2, more: true });
+        two.receive(m(8));  // the same message again, live
+        two.receive({ type: "ack", room: "final", client_id: clientId, id: 9, ts: 9,
+                      duplicate: true });
+        return {
+          first: one.sent, second: two.sent, clientId, outbox: client.outbox.size,
+          messages: events.filter(([t]) => t === "message").map(([, f]) => f.id),
+          states: events.filter(([t]) => t === "state").map(([, s]) => s.state),
+        };
+        """,
+    )
+    client_id = result["clientId"]
+    assert result["first"] == [
+        {"type": "join", "room": "final"},
+        {"type": "message", "room": "final", "body": "gg", "client_id": client_id},
+        {"type": "pong", "n": 7},
+    ]
+    assert result["second"] == [
+        {"type": "join", "room": "final", "since": 7},
+        {"type": "message", "room": "final", "body": "gg", "client_id": client_id},
+    ]
+    assert result["messages"] == [6, 7]
+    assert result["outbox"] == 0
+    assert result["states"] == ["connecting", "connected", "reconnecting", "connected"]
+
+
+def test_own_message_in_recovered_history_is_not_resent(page: Page) -> None:
+    """If the message got through before the drop, the replay shows it and the outbox lets
+    it go instead of resending it."""
+    second = run(
+        page,
+        """
+        const client = new h.ChatClient();
+        client.join("final");
+        client.connect();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "alice", heartbeat_ms: 30000 });
+        h.socket().receive({ type: "joined", room: "final", history: [], online: 1 });
+        const clientId = client.post("final", "gg");
+        h.socket().drop(1006);
+        h.fire();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "alice", heartbeat_ms: 30000 });
+        h.socket().receive({ type: "joined", room: "final", online: 1, history: [
+          { type: "message", room: "final", id: 1, user: "alice", body: "gg", ts: 1,
+            client_id: clientId },
+        ] });
+        return h.socket().sent;
+        """,
+    )
+    assert second == [{"type": "join", "room": "final", "since": 0}]
+
+
+def test_a_refused_message_leaves_the_outbox_and_is_reported(page: Page) -> None:
+    """An error naming a queued message's client_id (too long, banned, rate limited...)
+    drops it from the outbox and tells the page; it is not resent on reconnect."""
+    result = run(
+        page,
+        """
+        const client = new h.ChatClient();
+        const events = h.record(client);
+        client.join("final");
+        client.connect();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "alice", heartbeat_ms: 30000 });
+        h.socket().receive({ type: "joined", room: "final", history: [], online: 1 });
+        const clientId = client.post("final", "spam");
+        h.socket().receive({ type: "error", code: "rate_limited", detail: "slow down",
+                             ref: clientId });
+        const failed = events.find(([t]) => t === "failed")[1];
+        return [client.outbox.size, failed.code, failed.client_id === clientId];
+        """,
+    )
+    assert result == [0, "rate_limited", True]
