@@ -163,3 +163,23 @@ def _set_hidden(page: Page, hidden: bool) -> None:
         }""",
         hidden,
     )
+
+
+def test_login_errors_and_logout(chat: Chat, make_user: Any, make_room: Any) -> None:
+    """A wrong password is refused with a message; logging out returns to the rooms as a
+    guest."""
+    make_room("final")
+    make_user("alice")
+    page = chat.page()
+    page.goto(chat.url("/accounts/login/?next=/rooms/final/"))
+    page.fill("#id_username", "alice")
+    page.fill("#id_password", "not-her-password")
+    page.click("form.login-form button[type=submit]")
+    expect(page.locator(".form-error")).to_contain_text("correct username and password")
+    expect(page.locator("#id_username")).to_have_value("alice")
+
+    page = chat.open_room("final", user="alice")
+    expect(page.locator(".who-name")).to_have_text("alice")
+    page.click("text=Log out")
+    page.wait_for_url(chat.url("/"))
+    expect(page.locator(".account")).to_contain_text("Log in")
