@@ -548,6 +548,8 @@ def env_example() -> tuple[dict[str, str], dict[str, str]]:
 
 def test_nginx_accepts_the_shipped_config(nginx_binary: str) -> None:
     """`nginx -t` on docker/nginx/nginx.conf with the chat template rendered for local ports."""
+    # Only the braced form: what envsubst in the nginx image and render_template both fill.
+    assert not re.search(r"\$NGINX_", TEMPLATE.read_text())
     nginx = Nginx(nginx_binary, [free_port(), free_port(), free_port()])
     try:
         checked = nginx.check()
@@ -676,6 +678,8 @@ def test_compose_runs_three_processes_each_scraped_and_behind_nginx() -> None:
     upstreams = re.findall(r"server (\S+)", nginx_env["NGINX_UPSTREAM_SERVERS"])
     assert upstreams == [f"{name}:8000" for name in web]
     assert nginx_env["NGINX_ENVSUBST_FILTER"] == "^NGINX_"
+    rendered = render_template(TEMPLATE.read_text(), nginx_env)
+    assert "${" not in rendered and "server web3:8000 resolve" in rendered
 
     drain = float(env_value(settings_environment()["CHAT_DRAIN_SPREAD"]))
     for name, service in web.items():
