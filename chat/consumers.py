@@ -202,15 +202,16 @@ class ChatConsumer(AsyncConsumer):
             )
         except Exception:
             raise ChatError(ErrorCode.UNAVAILABLE, "cannot join right now; retry shortly") from None
+        since = self.hub.join_since(conn, room.id, frame.since)
         try:
-            if frame.since is None:
+            if since is None:
                 page = await database_sync_to_async(selectors.message_recent)(room=room)
                 history, gap, more = page.messages, False, page.more
             else:
                 history, gap = await database_sync_to_async(selectors.message_since)(
-                    room=room, since=frame.since
+                    room=room, since=since
                 )
-                more = gap or frame.since > 0
+                more = gap or since > 0
         except BaseException:
             if room.slug not in self.rooms:
                 await self.hub.leave(conn, room.id)
@@ -230,7 +231,7 @@ class ChatConsumer(AsyncConsumer):
                 read_only=read_only,
             )
         )
-        last_id = history[-1]["id"] if history else (frame.since or 0)
+        last_id = history[-1]["id"] if history else (since or 0)
         self.hub.join_complete(conn, room.id, last_id)
 
     async def _leave(self, conn: Connection, frame: protocol.Leave) -> None:

@@ -78,6 +78,7 @@ class Connection:
         "last_pong",
         "next_flow_ping",
         "pings",
+        "resync_floor",
         "rooms",
         "sent_bytes",
         "user_id",
@@ -95,6 +96,9 @@ class Connection:
         self.user_id = user_id
         self.username = username
         self.rooms: set[int] = set()
+        # room id -> the `since` of the last `resync` sent for it: the next join of that room
+        # recovers from there at least, whatever `since` the client sends.
+        self.resync_floor: dict[int, int] = {}
         # Rooms whose `joined` is still being prepared: events are held here until then, so
         # a joining socket gets nothing before its history and nothing twice.
         self.joining: dict[int, list[Frame]] = {}
@@ -232,9 +236,12 @@ class LocalRoom:
     """A room with local members: who they are, and the batching state of its events."""
 
     __slots__ = (
+        "checkpoint",
         "flush_handle",
         "id",
+        "last_id",
         "members",
+        "next_checkpoint",
         "pending",
         "pending_since",
         "quiet_at",
@@ -250,6 +257,12 @@ class LocalRoom:
         self.slow_mode = slow_mode
         self.read_only = read_only
         self.members: set[Connection] = set()
+        # The highest message id this process has delivered in the room (live or as history),
+        # and the recovery point a `resync` names: last_id as it was one healthy probe ago, so
+        # a message committed before it but published a little later is still recovered.
+        self.last_id = 0
+        self.next_checkpoint = 0
+        self.checkpoint = 0
         self.pending: list[Frame] = []
         self.pending_since = 0.0
         # The batching window is open until this monotonic time; an event arriving after it
@@ -271,6 +284,13 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._kicks: set[asyncio.Task[None]] = set()
         self.probe_back = time.monotonic()
+        # Probes carry a sequence number; one missing from the sequence (its publish failed,
+        # or the subscription was down when it passed) means room events may be missing too.
+        self.probe_sent = 0
+        self.probe_received = 0
+        # room id -> the id before the first message this process stored but failed to
+        # publish; every process is told to resync those rooms once the layer works again.
+        self.unpublished: dict[int, int] = {}
         self.draining = False
         self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._started = asyncio.Event()
@@ -367,6 +387,11 @@ class Hub:
     def join_complete(self, conn: Connection, room_id: int, last_id: int) -> None:
         """Release the events held during the join, minus what `joined.history` already had."""
         held = conn.joining.pop(room_id, None)
+        room = self.rooms.get(room_id)
+        if room is not None and last_id > room.last_id:
+            room.last_id = last_id
+            if not room.checkpoint:
+                room.checkpoint = room.next_checkpoint = last_id
         if not held or conn.closed:
             return
         fresh = [f for f in held if not (f.get("type") == "message" and f["id"] <= last_id)]
@@ -375,6 +400,7 @@ class Hub:
 
     async def leave(self, conn: Connection, room_id: int) -> None:
         conn.joining.pop(room_id, None)
+        conn.resync_floor.pop(room_id, None)
         conn.rooms.discard(room_id)
         room = self.rooms.get(room_id)
         if room is None or conn not in room.members:
@@ -465,6 +491,9 @@ class Hub:
     def _deliver(self, room: LocalRoom, frames: list[Frame], accepted_at: float) -> None:
         """Write one flush of room events to every local member. The hot loop."""
         encoded = Encoded(frames[0] if len(frames) == 1 else protocol.batch(frames))
+        for frame in frames:
+            if frame["type"] == "message" and frame["id"] > room.last_id:
+                room.last_id = frame["id"]
         typers = {f["user"] for f in frames if f["type"] == "typing"}
         droppable = all(f["type"] == "typing" for f in frames)  # nothing but typing: sheddable
         shed_at = settings.CHAT_OUTBOUND_SHED_BYTES
@@ -525,6 +554,10 @@ class Hub:
                 if conn.user_id == user_id and not conn.closed:
                     conn.send_frame(event["frame"])
                     self._drop(conn, code)
+        elif action == "resync":
+            # Some process stored messages it could not publish: members recover them.
+            for room_id, since in event["rooms"].items():
+                self.resync_room(int(room_id), since=since)
         elif action == "kick":
             # Banned from one room: say why, take them out of it, keep the socket.
             room = self.rooms.get(event["room_id"])
@@ -551,9 +584,17 @@ class Hub:
     #
     # Every CHAT_PROBE_INTERVAL the hub sends a probe through the layer to its own channel.
     # Its round trip is the pub/sub lag metric; its absence means Redis is down or hung. While
-    # it is down, posts fail fast instead of waiting out a timeout each. When probes come back,
-    # every local socket is asked to `resync` its rooms (re-join with `since`), since events
-    # published during the outage reached no process.
+    # it is down, posts fail fast instead of waiting out a timeout each.
+    #
+    # Redis pub/sub forgets what it could not deliver, so the probes are numbered: when one
+    # arrives after an earlier one did not (its publish failed, or this process's subscription
+    # was down while it passed; after a restart redis-py resubscribes a little later than
+    # publishers reconnect), room events may have been lost on the way here too, and every
+    # local socket is asked to `resync` each room from the room's checkpoint. A socket cannot
+    # use its own last id for that: live messages published after the outage may already have
+    # reached it, newer than the ones it missed. A process that stored a message but could not
+    # publish it tells every process to resync that room once the layer works again, since a
+    # short outage may fall between two probes of the others.
 
     async def _probe_loop(self) -> None:
         assert self.channel is not None
@@ -561,10 +602,10 @@ class Hub:
         self.probe_back = time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):  # a failed send is what the check below sees
-                await _layer_call(
-                    "probe", self.layer.send(self.channel, {"type": PROBE_TYPE, "at": time.time()})
-                )
+            self.probe_sent += 1
+            probe = {"type": PROBE_TYPE, "at": time.time(), "seq": self.probe_sent}
+            with contextlib.suppress(Exception):  # a failed send is what the checks see
+                await _layer_call("probe", self.layer.send(self.channel, probe))
             silent = time.monotonic() - self.probe_back
             if silent > 2 * interval + settings.CHAT_REDIS_TIMEOUT and not redis_clients.is_down():
                 logger.warning("hub: no probe back for %.1f s; treating Redis as down", silent)
@@ -595,21 +636,76 @@ class Hub:
             waiter.set_result(None)
         self.probe_back = time.monotonic()
         metrics.LAYER_LAG.observe(max(0.0, time.time() - event["at"]))
+        seq = event.get("seq")
+        if seq is None or seq <= self.probe_received:
+            return  # a readiness round trip, or a late probe from before a gap
+        missed = seq > self.probe_received + 1 and self.probe_received > 0
+        self.probe_received = seq
         if redis_clients.is_down():
             redis_clients.mark_up()
             logger.warning("hub: probes are back; asking local sockets to resync")
+            missed = True
+        if missed:
+            # This probe made it, so the subscription works again; one before it did not, so
+            # room events published meanwhile may never have arrived here.
+            if not self.draining:
+                logger.warning("hub: probe %d arrived but an earlier one did not; resync", seq)
             self.resync_all()
+        else:
+            for room in self.rooms.values():
+                room.checkpoint, room.next_checkpoint = room.next_checkpoint, room.last_id
+        if self.unpublished:
+            self._announce_unpublished()
+
+    def _announce_unpublished(self) -> None:
+        rooms, self.unpublished = self.unpublished, {}
+
+        async def announce() -> None:
+            try:
+                await control("resync", rooms={str(k): v for k, v in rooms.items()})
+            except Exception:
+                for room_id, since in rooms.items():  # try again after the next probe
+                    self.unpublished[room_id] = min(since, self.unpublished.get(room_id, since))
+
+        self._kicks.add(asyncio.get_running_loop().create_task(announce()))
+        self._kicks = {task for task in self._kicks if not task.done()}
+
+    def publish_failed(self, room_id: int, frame: Frame) -> None:
+        """A room event could not be published. For a message (stored, never delivered) every
+        process is asked to resync the room from before it once the layer works again."""
+        if frame.get("type") == "message":
+            since = frame["id"] - 1
+            self.unpublished[room_id] = min(since, self.unpublished.get(room_id, since))
 
     def resync_all(self) -> None:
-        """Ask every local socket to re-join its rooms with `since`, spread over a few seconds
-        so the rejoins do not arrive as one burst."""
+        """Ask every local socket to re-join its rooms from their checkpoints."""
+        for room in list(self.rooms.values()):
+            self.resync_room(room.id, since=room.checkpoint)
+        metrics.RESYNCS.inc()
+
+    def resync_room(self, room_id: int, *, since: int) -> None:
+        """Send `resync {room, since}` to the room's local members, spread over
+        CHAT_RESYNC_SPREAD so the re-joins do not arrive as one burst. A member's next join of
+        the room recovers from `since` at least, even if the client asks for a later one: it
+        may already have seen live messages newer than the ones it missed."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        since = min(since, room.checkpoint) if room.checkpoint else since
         loop = asyncio.get_running_loop()
         spread = settings.CHAT_RESYNC_SPREAD
-        for room in self.rooms.values():
-            frame = protocol.resync(room=room.slug)
-            for conn in room.members:
-                loop.call_later(random.uniform(0, spread), conn.send_frame, frame)
-        metrics.RESYNCS.inc()
+        frame = protocol.resync(room=room.slug, since=since)
+        for conn in room.members:
+            floor = conn.resync_floor.get(room_id)
+            conn.resync_floor[room_id] = since if floor is None else min(floor, since)
+            loop.call_later(random.uniform(0, spread), conn.send_frame, frame)
+
+    def join_since(self, conn: Connection, room_id: int, since: int | None) -> int | None:
+        """The `since` a join recovers from: the client's, lowered to a pending resync's."""
+        floor = conn.resync_floor.pop(room_id, None)
+        if floor is None or since is None:
+            return since
+        return min(since, floor)
 
     # --- graceful drain ------------------------------------------------------------------------
     #
@@ -718,7 +814,13 @@ async def publish(room_id: int, frame: Frame) -> None:
     layer = get_channel_layer()
     assert layer is not None, "CHANNEL_LAYERS must configure a default layer"
     event = {"type": EVENT_TYPE, "room": room_id, "frame": frame, "at": time.time()}
-    await _layer_call_unless_down("group_send", layer.group_send(room_group(room_id), event))
+    try:
+        await _layer_call_unless_down("group_send", layer.group_send(room_group(room_id), event))
+    except BaseException:
+        hub = current_hub()
+        if hub is not None:
+            hub.publish_failed(room_id, frame)
+        raise
 
 
 async def control(action: str, **payload: Any) -> None:
