@@ -11,23 +11,32 @@
 // - A dropped socket is reopened with exponential backoff and full jitter (a random delay
 //   up to min(cap, base * 2^attempt)), so a restarted server is not stampeded by every
 //   page at once (RFC 6455 section 7.2.3). Close codes 4001 (unauthorized) and 4003
-//   (banned) end the session; every other close means "reconnect with since". A close
-//   reason carrying JSON such as {"retry_ms": 5000} sets the earliest retry.
-// - Each room is re-joined with `since`, the id of the last message seen in it, so the
-//   server replays exactly what was missed: nothing lost, nothing shown twice.
+//   (banned) end the session; every other close means "reconnect with since". A server
+//   that restarts on purpose says when to come back (`reconnect {retry_ms}`, close 4012);
+//   a close reason carrying JSON such as {"retry_ms": 5000} is honoured the same way.
+// - Each room is re-joined with `since`, the highest message id seen in it, so the server
+//   replays what was missed; duplicates are dropped by id (a set per room), never by
+//   comparing with the highest id, since ids from two server processes can arrive out of
+//   order. A `resync {room}` (the server lost events in a broker outage) re-joins the same
+//   way on the open socket.
 // - Messages wait in an outbox until the server acknowledges them. After a reconnect they
 //   are resent with the same client_id; the server answers a resend with the original
-//   ack (duplicate: true) instead of posting twice.
+//   ack (duplicate: true) instead of posting twice. Moderator commands ("/delete 42") have
+//   no such protection, so one whose answer was lost with the socket is reported, not resent.
+// - A room a moderator removed this user from (`error banned` + `left`) is not re-joined
+//   automatically before the sanction's `expires_ms`.
 // - The server's `ping` is answered with a `pong` echoing its `n`: the server uses pongs
-//   both as a heartbeat and to know how much this client has read (flow control).
+//   both as a heartbeat and to know how much this client has read (flow control). A
+//   server silent for two heartbeats is taken for gone.
 // - `batch` frames are unpacked in order, so the page only ever sees single events.
 //
 // Events (CustomEvent, the frame or a small object in `detail`): state, reconnecting,
-// hello, joined, message, ack, failed, history, typing, presence, delete, clear, left,
-// notice, room, error, terminated, outbox.
+// hello, joined, message, ack, failed, history, typing, presence, delete, clear, room,
+// left, notice, reconnect, error, terminated, outbox.
 
 export const CLOSE_UNAUTHORIZED = 4001;
 export const CLOSE_BANNED = 4003;
+export const CLOSE_RESTARTING = 4012;
 export const CLOSE_FLOOD = 4029;
 const TERMINAL_CLOSE_CODES = new Set([CLOSE_UNAUTHORIZED, CLOSE_BANNED]);
 
@@ -36,6 +45,10 @@ const RETRYABLE_POST_ERRORS = new Set(["not_joined"]);
 
 // A connection that lived this long counts as healthy: the next drop starts backoff afresh.
 const HEALTHY_AFTER_MS = 5000;
+
+// Message ids remembered per room to drop duplicates. Ids are unique but do not arrive in
+// id order across server processes, so duplicates are found by id, not by "<= last id".
+const SEEN_LIMIT = 5000;
 
 export class ChatClient extends EventTarget {
   constructor({
@@ -49,8 +62,9 @@ export class ChatClient extends EventTarget {
     this.baseDelay = baseDelay;
     this.maxDelay = maxDelay;
     this.typingInterval = typingInterval;
-    this.rooms = new Map(); // room -> { lastId, joined, typedAt }
+    this.rooms = new Map(); // room -> { lastId, seen, joined, typedAt, blockedUntil }
     this.outbox = new Map(); // client_id -> message frame, in posting order, until acked
+    this.commandsSent = new Set(); // client_ids of commands sent on the current socket
     this.state = "idle";
     this.user = null;
     this.moderator = false;
@@ -62,6 +76,7 @@ export class ChatClient extends EventTarget {
     this.retryAt = 0;
     this.watchdog = null;
     this.lastFrameAt = 0;
+    this.retryMs = null; // from a `reconnect` frame: when to come back after the close
     this.helloAt = 0; // when the current connection said hello; 0 while there is none
     this.everConnected = false;
     this._onOnline = () => this.retryNow();
@@ -108,7 +123,16 @@ export class ChatClient extends EventTarget {
   }
 
   join(room) {
-    if (!this.rooms.has(room)) this.rooms.set(room, { lastId: null, joined: false, typedAt: 0 });
+    if (!this.rooms.has(room)) {
+      this.rooms.set(room, {
+        lastId: null, // the highest message id seen live or in joined.history: `since`
+        seen: new Set(),
+        joined: false,
+        typedAt: 0,
+        blockedUntil: 0, // removed by a moderator: no automatic re-join before this time
+      });
+    }
+    this.rooms.get(room).blockedUntil = 0; // an explicit join is the caller's decision
     if (this.state === "connected") this._send(this._joinFrame(room));
   }
 
@@ -210,9 +234,14 @@ export class ChatClient extends EventTarget {
       });
       return;
     }
+    this._abandonCommands();
     // A flooding client waits a while before trying again.
     if (code === CLOSE_FLOOD) this.attempt = Math.max(this.attempt, 4);
-    this._scheduleReconnect(retryHint(reason));
+    const hint = this.retryMs ?? retryHint(reason);
+    this.retryMs = null;
+    this._scheduleReconnect(hint);
+    // A server restarting on purpose (4012) is no failure: the backoff starts afresh.
+    if (code === CLOSE_RESTARTING && hint != null) this.attempt = 0;
   }
 
   // Give up on the current socket at once (dead network, silent server) and reconnect.
@@ -292,6 +321,17 @@ export class ChatClient extends EventTarget {
       case "error":
         this._error(frame);
         return;
+      case "resync": {
+        // The server may have lost events of this room (a broker outage): re-join it on
+        // this same socket with since; the answer is an ordinary `joined`.
+        const state = this.rooms.get(frame.room);
+        if (state?.joined) this._send(this._joinFrame(frame.room));
+        return;
+      }
+      case "reconnect":
+        this.retryMs = Number.isFinite(frame.retry_ms) ? frame.retry_ms : null;
+        this._emit("reconnect", frame);
+        return;
       case "left": {
         // Also sent unasked when a moderator takes this user out of the room.
         const state = this.rooms.get(frame.room);
@@ -318,7 +358,10 @@ export class ChatClient extends EventTarget {
     this._startWatchdog(frame.heartbeat_ms || 30000);
     this._setState("connected");
     this._emit("hello", frame);
-    for (const room of this.rooms.keys()) this._send(this._joinFrame(room));
+    const now = Date.now();
+    for (const [room, state] of this.rooms) {
+      if (state.blockedUntil <= now) this._send(this._joinFrame(room));
+    }
   }
 
   _joined(frame) {
@@ -326,9 +369,13 @@ export class ChatClient extends EventTarget {
     if (!state) return;
     const resumed = state.lastId != null;
     state.joined = true;
-    if (frame.gap) state.lastId = null; // the page starts the room afresh
+    if (frame.gap) {
+      // Too much was missed to replay: the page starts the room afresh from this history.
+      state.lastId = null;
+      state.seen.clear();
+    }
     const history = (frame.history ?? []).filter((message) => this._seen(message));
-    if (state.lastId == null) state.lastId = 0; // an empty room: recover from the start
+    if (state.lastId == null) state.lastId = 0; // an empty room: recover from its start
     for (const message of history) this._settle(message);
     this._emit("joined", { ...frame, history, resumed: resumed && !frame.gap });
     // Resend what the server has not acknowledged, oldest first; a message that did get
@@ -365,6 +412,10 @@ export class ChatClient extends EventTarget {
       }
     }
     const room = frame.ref != null ? this.rooms.get(frame.ref) : undefined;
+    if (room && frame.code === "banned") {
+      // Taken out of the room (a `left` follows): no re-join before the sanction ends.
+      room.blockedUntil = Number.isFinite(frame.expires_ms) ? frame.expires_ms : Infinity;
+    }
     if (room && !room.joined && frame.code === "unavailable") {
       // The server could not join us just now: try that room again shortly.
       setTimeout(() => {
@@ -376,12 +427,14 @@ export class ChatClient extends EventTarget {
     this._emit("error", frame);
   }
 
-  // Track the last id per room; false for a message already seen (never shown twice).
+  // False for a message already seen (never reported twice); tracks `since` per room.
   _seen(message) {
     const state = this.rooms.get(message.room);
     if (!state) return true;
-    if (state.lastId != null && message.id <= state.lastId) return false;
-    state.lastId = message.id;
+    if (state.seen.has(message.id)) return false;
+    state.seen.add(message.id);
+    if (state.seen.size > SEEN_LIMIT) state.seen.delete(state.seen.values().next().value);
+    if (state.lastId == null || message.id > state.lastId) state.lastId = message.id;
     return true;
   }
 
@@ -389,9 +442,28 @@ export class ChatClient extends EventTarget {
     const socket = this.socket;
     if (socket && socket.readyState === WebSocket.OPEN) {
       socket.send(JSON.stringify(frame));
+      if (frame.type === "message" && isCommand(frame.body)) this.commandsSent.add(frame.client_id);
       return true;
     }
     return false;
+  }
+
+  // Moderator commands carry no duplicate protection on the server: one that was sent but
+  // not answered when the socket dropped is not resent (it may have run); the page is told.
+  _abandonCommands() {
+    for (const clientId of this.commandsSent) {
+      const frame = this.outbox.get(clientId);
+      if (!frame) continue;
+      this.outbox.delete(clientId);
+      this._emit("failed", {
+        code: "unconfirmed",
+        detail: "the connection dropped before the server answered; check before retrying",
+        client_id: clientId,
+        frame,
+      });
+    }
+    this.commandsSent.clear();
+    this._emitOutbox();
   }
 
   _setState(state) {
@@ -407,6 +479,11 @@ export class ChatClient extends EventTarget {
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+// In-chat moderator commands ("/delete 42", "/ban name") travel as message bodies.
+export function isCommand(body) {
+  return /^\/[a-z]/i.test(body.trim());
 }
 
 // The earliest retry a server asked for in a close reason, e.g. '{"retry_ms": 5000}'.

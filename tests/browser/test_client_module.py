@@ -272,3 +272,124 @@ def test_a_refused_message_leaves_the_outbox_and_is_reported(page: Page) -> None
         """,
     )
     assert result == [0, "rate_limited", True]
+
+
+CONNECTED = """
+    const client = new h.ChatClient();
+    const events = h.record(client);
+    for (const room of ["final", "lobby"]) client.join(room);
+    client.connect();
+    const hello = () => {
+      h.socket().open();
+      h.socket().receive({ type: "hello", user: "mod", moderator: true, heartbeat_ms: 30000 });
+      for (const room of ["final", "lobby"]) {
+        if (h.socket().sent.some((f) => f.type === "join" && f.room === room)) {
+          h.socket().receive({ type: "joined", room, history: [], online: 1, more: false });
+        }
+      }
+    };
+    const m = (id) =>
+      ({ type: "message", room: "final", id, user: "bob", body: `m${id}`, ts: id });
+    hello();
+"""
+
+
+def test_duplicates_are_found_by_id_not_by_order(page: Page) -> None:
+    """A lower id arriving after a higher one (two server processes) is still shown; a
+    repeat of either is not; `since` is the highest id."""
+    result = run(
+        page,
+        CONNECTED
+        + """
+        for (const id of [10, 9, 10, 9]) h.socket().receive(m(id));
+        h.socket().drop(1006);
+        Math.random = () => 0;
+        h.fire();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "mod", heartbeat_ms: 30000 });
+        return [events.filter(([t]) => t === "message").map(([, f]) => f.id), h.socket().sent];
+        """,
+    )
+    assert result == [
+        [10, 9],
+        [
+            {"type": "join", "room": "final", "since": 10},
+            {"type": "join", "room": "lobby", "since": 0},
+        ],
+    ]
+
+
+def test_a_restarting_server_sets_the_wait_without_growing_the_backoff(page: Page) -> None:
+    """`reconnect {retry_ms}` then close 4012: come back after retry_ms, with the backoff
+    where it was."""
+    delays = run(
+        page,
+        CONNECTED
+        + """
+        Math.random = () => 0;
+        h.socket().receive({ type: "reconnect", retry_ms: 3143 });
+        h.socket().drop(4012);
+        const first = h.fire();
+        Math.random = () => 1;
+        h.socket().drop(1006);
+        return [first, h.fire()];
+        """,
+    )
+    assert delays == [3143, 500]
+
+
+def test_resync_rejoins_the_room_on_the_same_socket(page: Page) -> None:
+    """After a broker outage the server asks for a re-join; the client sends it with since."""
+    sent = run(
+        page,
+        CONNECTED
+        + """
+        h.socket().receive(m(4));
+        h.socket().receive({ type: "resync", room: "final" });
+        return [h.socket().sent.at(-1), h.FakeSocket.all.length];
+        """,
+    )
+    assert sent == [{"type": "join", "room": "final", "since": 4}, 1]
+
+
+def test_a_room_the_user_was_removed_from_is_not_rejoined_before_the_timeout_ends(
+    page: Page,
+) -> None:
+    """After `error banned` + `left` for one room, a reconnect re-joins only the others."""
+    sent = run(
+        page,
+        CONNECTED
+        + """
+        h.socket().receive({ type: "error", code: "banned", detail: "timed out", ref: "final",
+                             kind: "timeout", expires_ms: Date.now() + 600000 });
+        h.socket().receive({ type: "left", room: "final" });
+        h.socket().drop(1006);
+        h.fire();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "mod", heartbeat_ms: 30000 });
+        return h.socket().sent;
+        """,
+    )
+    assert sent == [{"type": "join", "room": "lobby", "since": 0}]
+
+
+def test_an_unanswered_command_is_reported_not_resent(page: Page) -> None:
+    """A command sent just before a drop may have run: it is reported as unconfirmed and not
+    sent again. A command typed while offline was never sent: it goes out after the join."""
+    result = run(
+        page,
+        CONNECTED
+        + """
+        const inFlight = client.post("final", "/ban mallory");
+        h.socket().drop(1006);
+        const queued = client.post("final", "/delete 4");
+        h.fire();
+        hello();
+        const failed = events.filter(([t]) => t === "failed").map(([, f]) => [f.code, f.client_id]);
+        return [failed, [inFlight], h.socket().sent.filter((f) => f.type === "message")
+                .map((f) => f.body)];
+        """,
+    )
+    failed, (in_flight,), resent = result
+    assert failed == [["unconfirmed", in_flight]]
+    assert resent == ["/delete 4"]
