@@ -289,9 +289,10 @@ export class ChatClient extends EventTarget {
 
   // --- frames -----------------------------------------------------------------------------
 
-  _joinFrame(room) {
-    const { lastId } = this.rooms.get(room);
-    return lastId == null ? { type: "join", room } : { type: "join", room, since: lastId };
+  _joinFrame(room, sinceAtMost = null) {
+    let since = this.rooms.get(room).lastId;
+    if (since != null && Number.isInteger(sinceAtMost)) since = Math.min(since, sinceAtMost);
+    return since == null ? { type: "join", room } : { type: "join", room, since };
   }
 
   _handle(frame) {
@@ -323,9 +324,11 @@ export class ChatClient extends EventTarget {
         return;
       case "resync": {
         // The server may have lost events of this room (a broker outage): re-join it on
-        // this same socket with since; the answer is an ordinary `joined`.
+        // this same socket; the answer is an ordinary `joined`.
+        // The server names the last id it is sure we got; messages after it that we did
+        // see come again and are dropped as duplicates.
         const state = this.rooms.get(frame.room);
-        if (state?.joined) this._send(this._joinFrame(frame.room));
+        if (state?.joined) this._send(this._joinFrame(frame.room, frame.since));
         return;
       }
       case "reconnect":

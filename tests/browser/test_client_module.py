@@ -339,17 +339,30 @@ def test_a_restarting_server_sets_the_wait_without_growing_the_backoff(page: Pag
 
 
 def test_resync_rejoins_the_room_on_the_same_socket(page: Page) -> None:
-    """After a broker outage the server asks for a re-join; the client sends it with since."""
+    """After a broker outage the server asks for a re-join from an id it names (or the
+    client's own); the client re-joins on the same socket and shows only what it missed."""
     sent = run(
         page,
         CONNECTED
         + """
-        h.socket().receive(m(4));
+        for (const id of [4, 7]) h.socket().receive(m(id));
+        h.socket().receive({ type: "resync", room: "final", since: 3 });
+        const first = h.socket().sent.at(-1);
+        h.socket().receive({ type: "joined", room: "final", online: 1, more: true,
+                             history: [m(4), m(5), m(7)] });
         h.socket().receive({ type: "resync", room: "final" });
-        return [h.socket().sent.at(-1), h.FakeSocket.all.length];
+        return [first, h.socket().sent.at(-1), h.FakeSocket.all.length,
+                events.filter(([t]) => t === "message").map(([, f]) => f.id),
+                events.filter(([t]) => t === "joined").at(-1)[1].history.map((f) => f.id)];
         """,
     )
-    assert sent == [{"type": "join", "room": "final", "since": 4}, 1]
+    assert sent == [
+        {"type": "join", "room": "final", "since": 3},
+        {"type": "join", "room": "final", "since": 7},
+        1,
+        [4, 7],  # live
+        [5],  # from the re-join: only the one that was missed
+    ]
 
 
 def test_a_room_the_user_was_removed_from_is_not_rejoined_before_the_timeout_ends(
