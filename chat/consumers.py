@@ -21,7 +21,7 @@ from django.conf import settings
 from chat import protocol, selectors, services
 from chat.auth import ANONYMOUS, Identity
 from chat.errors import ChatError
-from chat.hub import Connection, Hub, Send, get_hub
+from chat.hub import Connection, Hub, Send, current_hub, get_hub
 from chat.protocol import CloseCode, ErrorCode, ProtocolError
 from chat.selectors import RoomInfo
 from monitoring import metrics
@@ -61,7 +61,10 @@ class ChatConsumer(AsyncConsumer):
         elif kind == "websocket.connect":
             await self.websocket_connect(message)
         elif kind == "websocket.disconnect":
-            metrics.DISCONNECTS.labels(str(message.get("code", 1005))).inc()
+            # A close the server chose is counted by its own code: a peer that was dropped
+            # for silence or slowness never echoes it, and the server only sees 1006.
+            chosen = self.conn.close_code if self.conn is not None else None
+            metrics.DISCONNECTS.labels(str(chosen or message.get("code", 1005))).inc()
             raise StopConsumer
 
     @staticmethod
@@ -78,11 +81,16 @@ class ChatConsumer(AsyncConsumer):
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         fmt, subprotocol = protocol.select_subprotocol(list(self.scope.get("subprotocols") or ()))
+        hub = current_hub()
+        if hub is not None and hub.draining:
+            # Refused before the handshake completes (HTTP 403), so a load balancer can pass
+            # the attempt on to another process at once (nginx: proxy_next_upstream http_403).
+            metrics.REJECTED.labels("draining").inc()
+            await self.send_event({"type": "websocket.close", "code": int(CloseCode.NORMAL)})
+            return
         await self.send_event({"type": "websocket.accept", "subprotocol": subprotocol})
         try:
             self.hub = await get_hub()
-            if self.hub.draining:
-                raise RuntimeError("draining")
         except Exception:
             logger.warning("chat: hub unavailable at connect", exc_info=True)
             await self.send_event(

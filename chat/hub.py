@@ -69,6 +69,7 @@ class Connection:
         "_send",
         "acked_bytes",
         "backlog",
+        "close_code",
         "closed",
         "connected_at",
         "fmt",
@@ -112,6 +113,8 @@ class Connection:
         self.backlog: collections.deque[dict[str, Any]] = collections.deque()
         self.writer: asyncio.Task[None] | None = None
         self.closed = False
+        # The code the server closed this socket with, if it did (the peer may never answer).
+        self.close_code: int | None = None
 
     @property
     def outstanding(self) -> int:
@@ -193,6 +196,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self.close_code = int(code)
         self.backlog.clear()
         if self.writer is not None:
             self.writer.cancel()
@@ -312,6 +316,7 @@ class Hub:
         except BaseException:
             self._starting = False
             raise
+        metrics.REDIS_UP.set(1)
         self._tasks.append(loop.create_task(self._receive_loop(), name="chat-hub-receive"))
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="chat-hub-heartbeat"))
         self._tasks.append(loop.create_task(self.presence.run(), name="chat-hub-presence"))
@@ -737,6 +742,7 @@ class Hub:
     async def drain(self) -> None:
         """Close every socket with RESTARTING, spread over the drain window; bounded in time."""
         self.draining = True
+        metrics.DRAINING.set(1)
         conns = list(self.connections)
         random.shuffle(conns)
         spread = settings.CHAT_DRAIN_SPREAD

@@ -19,6 +19,8 @@ from redis import asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
+from monitoring import metrics
+
 _async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
 
@@ -35,11 +37,13 @@ def mark_down() -> None:
     global _down_since
     if _down_since is None:
         _down_since = time.monotonic()
+        metrics.REDIS_UP.set(0)
 
 
 def mark_up() -> None:
     global _down_since
     _down_since = None
+    metrics.REDIS_UP.set(1)
 
 
 def configured() -> bool:

@@ -13,6 +13,10 @@ from prometheus_client import Counter, Gauge, Histogram
 SOCKETS_OPEN = Gauge("chat_sockets_open", "WebSocket connections open in this process.")
 ROOMS_LOCAL = Gauge("chat_rooms_local", "Rooms with at least one member in this process.")
 
+REDIS_UP = Gauge(
+    "chat_redis_up", "1 while the hub's probe through Redis comes back, 0 while it does not."
+)
+DRAINING = Gauge("chat_draining", "1 once this process is draining after SIGTERM.")
 MEMORY_PER_SOCKET = Gauge(
     "chat_memory_per_socket_bytes",
     "Resident memory of this process divided by its open sockets (all of it when none).",

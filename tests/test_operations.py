@@ -11,6 +11,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+import websockets
 
 from tests.support import Client, RedisServer, free_port
 
@@ -22,16 +23,17 @@ def _setup_orm_in_async_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-def _get(url: str) -> tuple[int, str]:
+def _get(url: str, host: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
 
 
-async def _fetch(url: str) -> tuple[int, str]:
-    return await asyncio.get_running_loop().run_in_executor(None, _get, url)
+async def _fetch(url: str, host: str | None = None) -> tuple[int, str]:
+    return await asyncio.get_running_loop().run_in_executor(None, _get, url, host)
 
 
 async def test_readyz_names_redis_when_it_is_gone(servers: Any) -> None:
@@ -50,6 +52,9 @@ async def test_readyz_names_redis_when_it_is_gone(servers: Any) -> None:
         assert status == 503 and "redis" in failures and "channel_layer" in failures
         status, _ = await _fetch(f"{server.http}/healthz")
         assert status == 200  # alive, just not ready
+        # Probes by address: answered whatever Host they carry (not in ALLOWED_HOSTS).
+        assert (await _fetch(f"{server.http}/healthz", host="10.1.2.3:8000"))[0] == 200
+        assert (await _fetch(f"{server.http}/rooms/", host="10.1.2.3:8000"))[0] == 400
     finally:
         redis.cleanup()
 
@@ -110,6 +115,10 @@ async def test_sigterm_drains_sockets_with_a_reconnect_hint_and_exits(
         assert client.ws.close_code == 4012
         return time.monotonic() - started
 
+    await asyncio.sleep(0.1)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await Client.connect(server.url, token=tokens[0])
+    assert refused.value.response.status_code == 403  # a balancer can try the next process
     closed_at = await asyncio.gather(*(closed(client) for client in clients))
     assert max(closed_at) - min(closed_at) > 0.3, "closes are spread, not all at once"
     await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 15)

@@ -52,7 +52,7 @@ def test_defaults_are_the_embedded_setup() -> None:
     s = settings_with()
     assert s["debug"] is True
     assert s["layer"] == "channels.layers.InMemoryChannelLayer"
-    assert s["db"] == "django.db.backends.sqlite3"
+    assert s["db"] == "django_prometheus.db.backends.sqlite3"
     assert s["window"] == 50
 
 
@@ -71,7 +71,7 @@ def test_redis_url_selects_the_redis_layer_and_database_url_postgres() -> None:
         DJANGO_ALLOWED_HOSTS="chat.example, www.chat.example",
     )
     assert s["layer"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
-    assert s["db"] == "django.db.backends.postgresql" and s["db_name"] == "chat"
+    assert s["db"] == "django_prometheus.db.backends.postgresql" and s["db_name"] == "chat"
     assert s["hosts_allowed"] == ["chat.example", "www.chat.example"]
 
 
