@@ -241,7 +241,7 @@ class SentinelGroup:
     def _knows_everyone(self, port: int) -> bool:
         client = redis.Redis(port=port, socket_timeout=2)
         try:
-            master = client.sentinel_master(self.MASTER)
+            master: Any = client.sentinel_master(self.MASTER)
             return int(master["num-slaves"]) >= 1 and int(master["num-other-sentinels"]) >= 2
         except (redis.RedisError, KeyError, ValueError):
             return False
