@@ -211,14 +211,16 @@ class ChatConsumer(AsyncConsumer):
         except Exception:
             raise ChatError(ErrorCode.UNAVAILABLE, "cannot join right now; retry shortly") from None
         since = self.hub.join_since(conn, room.id, frame.since)
+        deleted: list[int] = []
         try:
             if since is None:
                 page = await database_sync_to_async(selectors.message_recent)(room=room)
                 history, gap, more = page.messages, False, page.more
             else:
-                history, gap = await database_sync_to_async(selectors.message_since)(
+                recovery = await database_sync_to_async(selectors.message_since)(
                     room=room, since=since
                 )
+                history, gap, deleted = recovery.messages, recovery.gap, recovery.deleted
                 more = gap or since > 0
         except BaseException:
             if room.slug not in self.rooms:
@@ -237,6 +239,7 @@ class ChatConsumer(AsyncConsumer):
                 gap=gap,
                 slow_mode=slow_mode,
                 read_only=read_only,
+                deleted=deleted,
             )
         )
         last_id = history[-1]["id"] if history else (since or 0)

@@ -315,9 +315,11 @@ def joined(
     gap: bool,
     slow_mode: int,
     read_only: bool,
+    deleted: list[int] | None = None,
 ) -> Frame:
     """`more`: older messages exist (page back with `history`). `gap`: `since` was older than
-    the recovery limit reaches back, so messages between it and `history` were skipped."""
+    the recovery limit reaches back, so messages between it and `history` were skipped.
+    `deleted`: with `since`, ids up to it that were deleted while the client was away."""
     return {
         "type": "joined",
         "room": room,
@@ -328,6 +330,7 @@ def joined(
         "gap": gap,
         "slow_mode": slow_mode,
         "read_only": read_only,
+        "deleted": deleted or [],
     }
 
 

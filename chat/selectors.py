@@ -131,11 +131,22 @@ def message_page(*, room: RoomInfo, before: int | None, limit: int) -> HistoryPa
     return HistoryPage(messages=_frames(room.slug, rows), more=more)
 
 
-def message_since(*, room: RoomInfo, since: int) -> tuple[list[protocol.Frame], bool]:
-    """Every message after `since`, oldest first, up to the recovery limit.
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a client that saw everything up to `since` needs to catch up."""
 
-    Returns the frames and whether messages were skipped: past the limit the newest ones
-    are returned and the client pages back through `history` for the rest.
+    messages: list[protocol.Frame]
+    gap: bool
+    deleted: list[int]
+
+
+def message_since(*, room: RoomInfo, since: int) -> Recovery:
+    """Every message after `since`, oldest first, up to the recovery limit, and the ids of
+    messages at or before `since` (within the same limit) deleted since they were posted.
+
+    `gap`: past the limit the newest messages are returned and the client pages back
+    through `history` for the rest. `deleted` lets a client that was away drop what a
+    moderator removed meanwhile.
     """
     limit = settings.CHAT_RECOVERY_LIMIT
     rows = list(
@@ -147,7 +158,13 @@ def message_since(*, room: RoomInfo, since: int) -> tuple[list[protocol.Frame], 
     gap = len(rows) > limit
     rows = rows[:limit]
     rows.reverse()
-    return _frames(room.slug, rows), gap
+    seen = (
+        Message.objects.filter(room_id=room.id, id__lte=since)
+        .order_by("-id")
+        .values_list("id", "deleted_at")[:limit]
+    )
+    deleted = sorted(pk for pk, deleted_at in seen if deleted_at is not None)
+    return Recovery(messages=_frames(room.slug, rows), gap=gap, deleted=deleted)
 
 
 def sanction_active(*, user_id: int, room_id: int | None) -> SanctionInfo | None:

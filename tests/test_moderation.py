@@ -73,6 +73,8 @@ async def test_delete_command_removes_the_message_live_and_from_history(
     late = await _joined(cast["bob"][1])
     assert (await late.join("arena"))["history"] == []
     assert (await late.join("arena", since=ack["id"] - 1))["history"] == []
+    # A client that had seen it and was away meanwhile is told to drop it.
+    assert (await late.join("arena", since=ack["id"]))["deleted"] == [ack["id"]]
     assert await database_sync_to_async(_log)() == [("delete", "chat", "alice")]
 
 

@@ -381,6 +381,8 @@ export class ChatClient extends EventTarget {
     if (state.lastId == null) state.lastId = 0; // an empty room: recover from its start
     for (const message of history) this._settle(message);
     this._emit("joined", { ...frame, history, resumed: resumed && !frame.gap });
+    // Messages we showed before the drop that a moderator removed while we were away.
+    for (const id of frame.deleted ?? []) this._emit("delete", { type: "delete", room: frame.room, id });
     // Resend what the server has not acknowledged, oldest first; a message that did get
     // through is answered with its original ack, not posted again.
     for (const pending of this.outbox.values()) {

@@ -50,7 +50,7 @@ window.harness = {
   fire() { const t = timers.shift(); t.fn(); return t.delay; },
   record(client) {
     const events = [];
-    for (const type of ["state", "message", "ack", "joined", "terminated", "failed"]) {
+    for (const type of ["state", "message", "ack", "joined", "terminated", "failed", "delete"]) {
       client.addEventListener(type, (e) => events.push([type, e.detail]));
     }
     return events;
@@ -406,3 +406,22 @@ def test_an_unanswered_command_is_reported_not_resent(page: Page) -> None:
     failed, (in_flight,), resent = result
     assert failed == [["unconfirmed", in_flight]]
     assert resent == ["/delete 4"]
+
+
+def test_messages_deleted_while_away_are_dropped_on_rejoin(page: Page) -> None:
+    """`joined.deleted` after a re-join with since: the client reports each as deleted."""
+    deleted = run(
+        page,
+        CONNECTED
+        + """
+        for (const id of [4, 5, 6]) h.socket().receive(m(id));
+        h.socket().drop(1006);
+        h.fire();
+        h.socket().open();
+        h.socket().receive({ type: "hello", user: "me", moderator: false });
+        h.socket().receive({ type: "joined", room: "final", online: 1, more: true,
+                             history: [m(8)], deleted: [5] });
+        return events.filter(([t]) => t === "delete").map(([, f]) => [f.room, f.id]);
+        """,
+    )
+    assert deleted == [["final", 5]]
