@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -287,6 +288,31 @@ def lift_sanctions(modeladmin: Any, request: HttpRequest, queryset: QuerySet[San
         _run(modeladmin, request, lift)
 
 
+class SanctionForm(forms.ModelForm):
+    """Refuses, before anything is saved, a sanction the service would refuse."""
+
+    actor_id: int
+
+    class Meta:
+        model = Sanction
+        fields = ("user", "room", "kind", "expires_at", "reason")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        user = data.get("user")
+        if user is not None and data.get("kind"):
+            try:
+                services.sanction_check(
+                    actor_id=self.actor_id, target_id=user.pk, kind=data["kind"]
+                )
+            except ChatError as exc:
+                raise forms.ValidationError(exc.detail) from None
+        expires = data.get("expires_at")
+        if expires is not None and expires <= timezone.now():
+            self.add_error("expires_at", "choose a time in the future, or leave it empty")
+        return data
+
+
 @admin.register(Sanction)
 class SanctionAdmin(ModerationMixin, admin.ModelAdmin):
     list_display = ("user", "kind", "room", "created", "expires_at", "lifted_at", "created_by")
@@ -294,7 +320,15 @@ class SanctionAdmin(ModerationMixin, admin.ModelAdmin):
     search_fields = ("user__username", "reason")
     autocomplete_fields = ("user",)
     fields = ("user", "room", "kind", "expires_at", "reason")
+    form = SanctionForm
     actions = [lift_sanctions]
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form: Any = super().get_form(request, obj, change, **kwargs)
+        form.actor_id = _actor(request)
+        return form
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return _can_moderate(request)

@@ -12,7 +12,9 @@ class ChatConfig(AppConfig):
         post_migrate.connect(_ensure_moderators_group, sender=self)
 
 
-# What the Moderators group may see and do, in admin and in chat.
+# What the Moderators group may see and do, in admin and in chat: chat's own permissions,
+# plus seeing users, which the sanction form's player search needs.
+MODERATOR_AUTH_PERMISSIONS = ["view_user"]
 MODERATOR_PERMISSIONS = [
     "moderate",
     "view_message",
@@ -32,8 +34,10 @@ def _ensure_moderators_group(using: str = "default", **kwargs: Any) -> None:
     from django.contrib.auth.models import Group, Permission
 
     group, _ = Group.objects.using(using).get_or_create(name="Moderators")
+    permissions = Permission.objects.using(using)
     group.permissions.add(
-        *Permission.objects.using(using).filter(
-            content_type__app_label="chat", codename__in=MODERATOR_PERMISSIONS
-        )
+        *permissions.filter(content_type__app_label="chat", codename__in=MODERATOR_PERMISSIONS),
+        *permissions.filter(
+            content_type__app_label="auth", codename__in=MODERATOR_AUTH_PERMISSIONS
+        ),
     )

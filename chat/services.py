@@ -424,15 +424,7 @@ def sanction_apply(
     Everywhere: their open sockets on every process get `error banned` and close 4003.
     One room: their sockets leave that room with `error banned` and `left`.
     """
-    _require_moderator(actor_id)
-    if kind not in Sanction.Kind.values:
-        raise ChatError(ErrorCode.BAD_COMMAND, f"unknown sanction {kind!r}")
-    target = get_user_model().objects.filter(pk=target_id).first()
-    if target is None:
-        raise ChatError(ErrorCode.BAD_COMMAND, "no such user")
-    actor = get_user_model().objects.get(pk=actor_id)
-    if target.is_superuser or (target.has_perm(MODERATE) and not actor.is_superuser):
-        raise ChatError(ErrorCode.FORBIDDEN, "moderators can only be sanctioned by an admin")
+    sanction_check(actor_id=actor_id, target_id=target_id, kind=kind)
     now = timezone.now()
     expires = now + timedelta(seconds=duration_s) if duration_s else None
     room = Room.objects.get(pk=room_id) if room_id is not None else None
@@ -475,6 +467,20 @@ def sanction_apply(
                 partial(hub.control, "kick", user_id=target_id, room_id=room.id, frame=frame)
             )
     return sanction
+
+
+def sanction_check(*, actor_id: int, target_id: int, kind: str) -> None:
+    """Raise ChatError unless `actor_id` may ban or time out `target_id` (forms use it to
+    refuse before saving anything)."""
+    _require_moderator(actor_id)
+    if kind not in Sanction.Kind.values:
+        raise ChatError(ErrorCode.BAD_COMMAND, f"unknown sanction {kind!r}")
+    target = get_user_model().objects.filter(pk=target_id).first()
+    if target is None:
+        raise ChatError(ErrorCode.BAD_COMMAND, "no such user")
+    actor = get_user_model().objects.get(pk=actor_id)
+    if target.is_superuser or (target.has_perm(MODERATE) and not actor.is_superuser):
+        raise ChatError(ErrorCode.FORBIDDEN, "moderators can only be sanctioned by an admin")
 
 
 def sanction_lift(*, actor_id: int, target_id: int, room_id: int | None, via: str) -> int:
@@ -544,7 +550,9 @@ def command_run(*, actor_id: int, room: RoomInfo, command: commands.Command) -> 
     via = "chat"
     match command:
         case commands.Delete(message_id=message_id):
-            if not message_delete(actor_id=actor_id, message_id=message_id, via=via):
+            # A command acts on the room it is typed in, never on another one.
+            in_room = Message.objects.filter(pk=message_id, room_id=room.id).exists()
+            if not in_room or not message_delete(actor_id=actor_id, message_id=message_id, via=via):
                 raise ChatError(ErrorCode.BAD_COMMAND, f"no message #{message_id} to delete")
             return f"deleted message #{message_id}"
         case commands.Timeout(username=username, seconds=seconds, reason=reason):

@@ -320,3 +320,46 @@ def test_moderation_log_is_read_only_in_admin(cast: dict[str, Any]) -> None:
     entry = ModerationLog.objects.create(created=timezone.now(), action="clear", via="chat")
     with pytest.raises(ValueError):
         entry.save()
+
+
+async def test_delete_command_only_reaches_messages_of_its_room(cast: dict[str, Any]) -> None:
+    """`/delete` typed in one room cannot remove a message of another room."""
+    alice = await _joined(cast["alice"][1], "lobby")
+    message_id = (await _post(alice, "elsewhere", room="lobby"))["id"]
+    mod = await _joined(cast["mod"][1], "arena")
+    answer = await _post(mod, f"/delete {message_id}")
+    assert answer["code"] == "bad_command"
+    assert await database_sync_to_async(Message.objects.filter(deleted_at=None).count)() == 1
+
+
+def test_moderators_can_pick_players_on_the_sanction_form(cast: dict[str, Any]) -> None:
+    """The add-sanction form's player search works for a Moderators-group account."""
+    client = _admin_client(cast["mod"][0])
+    found = client.get(
+        "/admin/autocomplete/",
+        {"app_label": "chat", "model_name": "sanction", "field_name": "user", "term": "bo"},
+    )
+    assert found.status_code == 200
+    assert [r["text"] for r in found.json()["results"]] == ["bob"]
+
+
+def test_a_refused_sanction_is_a_form_error_not_a_success(
+    cast: dict[str, Any], make_user: Any
+) -> None:
+    other, _ = make_user("mod2")
+    other.groups.add(Group.objects.get(name="Moderators"))
+    client = _admin_client(cast["mod"][0])
+    page = client.post(
+        "/admin/chat/sanction/add/",
+        {"user": other.pk, "kind": "ban", "reason": "no", "room": ""},
+    )
+    assert page.status_code == 200  # the form again, with the reason
+    assert b"moderators can only be sanctioned by an admin" in page.content
+    assert not Sanction.objects.exists()
+    banned = client.post(
+        "/admin/chat/sanction/add/",
+        {"user": cast["bob"][0].pk, "kind": "ban", "reason": "raid", "room": ""},
+    )
+    assert banned.status_code == 302
+    assert Sanction.objects.get().user == cast["bob"][0]
+    assert ModerationLog.objects.get().action == "ban"
