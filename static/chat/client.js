@@ -77,6 +77,7 @@ export class ChatClient extends EventTarget {
     this.watchdog = null;
     this.lastFrameAt = 0;
     this.retryMs = null; // from a `reconnect` frame: when to come back after the close
+    this.bannedUntil = null; // from `error banned` without a room: when a timeout ends
     this.helloAt = 0; // when the current connection said hello; 0 while there is none
     this.everConnected = false;
     this._onOnline = () => this.retryNow();
@@ -227,11 +228,16 @@ export class ChatClient extends EventTarget {
     if (TERMINAL_CLOSE_CODES.has(code)) {
       this.stopped = true;
       this._setState("disconnected");
+      const until = code === CLOSE_BANNED ? this.bannedUntil : null;
+      this.bannedUntil = null;
       this._emit("terminated", {
         code,
         reason,
         why: code === CLOSE_BANNED ? "banned" : "unauthorized",
+        expires_ms: until,
       });
+      // A timeout, unlike a ban, ends: come back once it has.
+      if (until != null) setTimeout(() => this.connect(), Math.max(0, until - Date.now()) + 1000);
       return;
     }
     this._abandonCommands();
@@ -402,6 +408,10 @@ export class ChatClient extends EventTarget {
   }
 
   _error(frame) {
+    if (frame.code === "banned" && frame.ref == null) {
+      // Banned everywhere (a 4003 close follows): a timeout ends at expires_ms.
+      this.bannedUntil = Number.isFinite(frame.expires_ms) ? frame.expires_ms : null;
+    }
     const pending = frame.ref != null ? this.outbox.get(frame.ref) : undefined;
     if (pending) {
       if (frame.code === "unavailable" && frame.id != null) {
@@ -486,9 +496,11 @@ export class ChatClient extends EventTarget {
   }
 }
 
-// In-chat moderator commands ("/delete 42", "/ban name") travel as message bodies.
+// In-chat moderator commands ("/delete 42", "/ban name") travel as message bodies. Only
+// these words are commands (chat/commands.py); any other "/word" is ordinary chat.
+const COMMANDS = /^\/(delete|timeout|ban|unban|slow|readonly|clear)(\s|$)/i;
 export function isCommand(body) {
-  return /^\/[a-z]/i.test(body.trim());
+  return COMMANDS.test(body.trim());
 }
 
 // The earliest retry a server asked for in a close reason, e.g. '{"retry_ms": 5000}'.

@@ -625,7 +625,11 @@ client.addEventListener("error", (e) => {
   const frame = e.detail;
   if (frame.code === "banned" && (frame.ref == null || frame.ref === room)) {
     showBanner(frame.detail);
-    if (frame.ref === room && frame.expires_ms) rejoinAt(frame.expires_ms);
+    if (frame.ref === room) {
+      removed = true; // refused at join, or taken out: nothing can be posted here for now
+      updateComposer();
+      if (frame.expires_ms) rejoinAt(frame.expires_ms);
+    }
     return;
   }
   if (frame.ref === room && ["unknown_room", "forbidden", "auth_required"].includes(frame.code)) {
@@ -654,8 +658,14 @@ function rejoinAt(expiresMs) {
   );
 }
 client.addEventListener("terminated", (e) => {
+  const { why, expires_ms: until } = e.detail;
+  if (why === "banned" && until) {
+    const when = new Date(until).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    showBanner(`You are timed out until ${when}; the chat comes back by itself then.`);
+    return;
+  }
   showBanner(
-    e.detail.why === "banned"
+    why === "banned"
       ? "You are banned from this chat."
       : "Your session ended. Log in again to keep chatting.",
   );

@@ -137,7 +137,11 @@ def test_unauthorized_and_banned_closes_end_the_session(page: Page, code: int, w
         return [h.timers.length, client.state, events.at(-1)];
         """,
     )
-    assert result == [0, "disconnected", ["terminated", {"code": code, "reason": "", "why": why}]]
+    assert result == [
+        0,
+        "disconnected",
+        ["terminated", {"code": code, "reason": "", "why": why, "expires_ms": None}],
+    ]
 
 
 @pytest.mark.parametrize("code", [1001, 1006, 1012, 1013, 4008, 4009, 4010, 4013])
@@ -425,3 +429,34 @@ def test_messages_deleted_while_away_are_dropped_on_rejoin(page: Page) -> None:
         """,
     )
     assert deleted == [["final", 5]]
+
+
+def test_a_global_timeout_comes_back_when_it_ends_but_a_ban_does_not(page: Page) -> None:
+    """`error banned` with expires_ms then 4003: the client waits out the timeout and
+    reconnects; without expires_ms (a ban) it stays disconnected."""
+    result = run(
+        page,
+        CONNECTED
+        + """
+        const until = Date.now() + 60000;
+        h.socket().receive({ type: "error", code: "banned", detail: "timed out",
+                             kind: "timeout", expires_ms: until });
+        h.socket().drop(4003);
+        const terminated = events.filter(([t]) => t === "terminated").at(-1)[1];
+        const wait = h.fire();
+        return [terminated.expires_ms === until, wait > 59000 && wait < 62000,
+                h.FakeSocket.all.length];
+        """,
+    )
+    assert result == [True, True, 2]
+
+
+def test_only_known_slash_words_are_commands(page: Page) -> None:
+    assert run(
+        page,
+        """
+        const { isCommand } = await import("/static/chat/client.js");
+        return ["/delete 4", "/BAN bob", "/clear", "/shrug", "/deleted", "gg /ban"]
+          .map(isCommand);
+        """,
+    ) == [True, True, True, False, False, False]
