@@ -316,6 +316,7 @@ class Member:
         self.resyncs = 0
         self.connects = 0
         self.close_codes: list[int | None] = []
+        self.closed_at: list[float] = []  # monotonic times of the closes
         self.latencies: list[tuple[float, float]] = []  # (receipt time, seconds since ts)
         self.connected = asyncio.Event()
         self.stopped = False
@@ -393,6 +394,7 @@ class Member:
             self.ws = None
             code = ws.close_code
             self.close_codes.append(code)
+            self.closed_at.append(time.monotonic())
             if code in (4001, 4003):
                 self.terminal = code
             with contextlib.suppress(Exception):
