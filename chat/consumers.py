@@ -242,8 +242,10 @@ class ChatConsumer(AsyncConsumer):
                 deleted=deleted,
             )
         )
-        last_id = history[-1]["id"] if history else (since or 0)
-        self.hub.join_complete(conn, room.id, last_id)
+        newest = history[-1]["id"] if history else None
+        self.hub.join_complete(
+            conn, room.id, newest if newest is not None else (since or 0), history_last=newest
+        )
 
     async def _leave(self, conn: Connection, frame: protocol.Leave) -> None:
         room = self._joined(frame.room)

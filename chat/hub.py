@@ -389,14 +389,19 @@ class Hub:
         conn.rooms.add(room_id)
         self.presence.joined(room, conn)
 
-    def join_complete(self, conn: Connection, room_id: int, last_id: int) -> None:
-        """Release the events held during the join, minus what `joined.history` already had."""
+    def join_complete(
+        self, conn: Connection, room_id: int, last_id: int, *, history_last: int | None = None
+    ) -> None:
+        """Release the events held during the join, minus what `joined.history` already had.
+
+        `history_last` is the id of the newest message in `joined.history`, if any: a room's
+        recovery point starts there (never from a client's `since`, which may be anything)."""
         held = conn.joining.pop(room_id, None)
         room = self.rooms.get(room_id)
-        if room is not None and last_id > room.last_id:
-            room.last_id = last_id
+        if room is not None and history_last is not None and history_last > room.last_id:
+            room.last_id = history_last
             if not room.checkpoint:
-                room.checkpoint = room.next_checkpoint = last_id
+                room.checkpoint = room.next_checkpoint = history_last
         if not held or conn.closed:
             return
         fresh = [f for f in held if not (f.get("type") == "message" and f["id"] <= last_id)]
@@ -498,6 +503,8 @@ class Hub:
         encoded = Encoded(frames[0] if len(frames) == 1 else protocol.batch(frames))
         for frame in frames:
             if frame["type"] == "message" and frame["id"] > room.last_id:
+                if not room.checkpoint:  # the first message here since the room was empty
+                    room.checkpoint = room.next_checkpoint = frame["id"] - 1
                 room.last_id = frame["id"]
         typers = {f["user"] for f in frames if f["type"] == "typing"}
         droppable = all(f["type"] == "typing" for f in frames)  # nothing but typing: sheddable
@@ -696,13 +703,18 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is None:
             return
-        since = min(since, room.checkpoint) if room.checkpoint else since
+        floor: int | None = min(since, room.checkpoint) if room.checkpoint else since
+        if not room.last_id:
+            # Nothing was delivered here since the members joined: their own last ids are
+            # not past anything they missed.
+            floor = None
         loop = asyncio.get_running_loop()
         spread = settings.CHAT_RESYNC_SPREAD
-        frame = protocol.resync(room=room.slug, since=since)
+        frame = protocol.resync(room=room.slug, since=floor)
         for conn in room.members:
-            floor = conn.resync_floor.get(room_id)
-            conn.resync_floor[room_id] = since if floor is None else min(floor, since)
+            if floor is not None:
+                previous = conn.resync_floor.get(room_id)
+                conn.resync_floor[room_id] = floor if previous is None else min(previous, floor)
             loop.call_later(random.uniform(0, spread), conn.send_frame, frame)
 
     def join_since(self, conn: Connection, room_id: int, since: int | None) -> int | None:

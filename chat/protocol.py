@@ -380,12 +380,17 @@ def reconnect(*, retry_ms: int) -> Frame:
     return {"type": "reconnect", "retry_ms": retry_ms}
 
 
-def resync(*, room: str, since: int) -> Frame:
-    """Events of this room after message `since` may have been missed (a broker outage):
-    re-join with `since` no later than this one. The server applies it to the next join of
-    the room anyway, so a client that re-joins with its own last id recovers too; it gets
-    again, and must ignore, the messages it saw after `since`."""
-    return {"type": "resync", "room": room, "since": since}
+def resync(*, room: str, since: int | None) -> Frame:
+    """Events of this room may have been missed (a broker outage): re-join with `since`.
+
+    With `since`, the messages after that id may be missing: re-join with `since` no later
+    than it. The server applies it to the next join of the room anyway, so a client that
+    re-joins with its own last id recovers too; it gets again, and must ignore, messages it
+    saw after `since`. Without it, the client's own last id is right."""
+    frame: Frame = {"type": "resync", "room": room}
+    if since is not None:
+        frame["since"] = since
+    return frame
 
 
 def history(*, room: str, messages: list[Frame], more: bool) -> Frame:
