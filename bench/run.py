@@ -197,9 +197,15 @@ for _size, _rooms in ((10, 100), (100, 10), (1000, 1), (5000, 1)):
         )
     )
 
-# (h): the naive baseline and the product side by side, same load, one Daphne.
+# (h): the naive baseline and the product side by side, same load, one Daphne (and Uvicorn).
 for _app in ("naive", "product"):
     SCENARIOS += [
+        Scenario(
+            f"h-{_app}-uvicorn",
+            f"{_app}: 500 sockets, 1 room, 5 msg/s, 1 Uvicorn, in-memory layer",
+            _load(500, 1, 5),
+            app=_app,
+        ),
         Scenario(
             f"h-{_app}-redis",
             f"{_app}: 500 sockets, 1 room, 5 msg/s, 1 Daphne + Redis",
