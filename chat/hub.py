@@ -413,21 +413,31 @@ class Hub:
         conn.resync_floor.pop(room_id, None)
         conn.rooms.discard(room_id)
         room = self.rooms.get(room_id)
-        if room is None or conn not in room.members:
-            return
+        if room is not None and self._remove_member(room, conn):
+            await self._unsubscribe(room_id)
+
+    def _remove_member(self, room: LocalRoom, conn: Connection) -> bool:
+        """Take a socket out of a room's members and its presence; True if that emptied the
+        room, which is then forgotten here (the caller unsubscribes the process)."""
+        if conn not in room.members:
+            return False
         room.members.discard(conn)
         self.presence.left(room, conn)
-        if not room.members:
-            del self.rooms[room_id]
-            metrics.ROOMS_LOCAL.set(len(self.rooms))
-            if room.flush_handle is not None:
-                room.flush_handle.cancel()
-            if self.channel is not None:
-                with contextlib.suppress(Exception):
-                    await _layer_call(
-                        "group_discard",
-                        self.layer.group_discard(room_group(room_id), self.channel),
-                    )
+        if room.members:
+            return False
+        del self.rooms[room.id]
+        metrics.ROOMS_LOCAL.set(len(self.rooms))
+        if room.flush_handle is not None:
+            room.flush_handle.cancel()
+        return True
+
+    async def _unsubscribe(self, room_id: int) -> None:
+        if self.channel is None or room_id in self.rooms:
+            return  # re-joined meanwhile: the process needs the subscription again
+        with contextlib.suppress(Exception):
+            await _layer_call(
+                "group_discard", self.layer.group_discard(room_group(room_id), self.channel)
+            )
 
     def _joining_any(self, room_id: int) -> bool:
         return any(room_id in conn.joining for conn in self.connections)
@@ -579,18 +589,22 @@ class Hub:
                 if conn.user_id == user_id:
                     conn.send_frame(event["frame"])
                     conn.send_frame(protocol.left(room=room.slug))
-                    self._kicks.add(
-                        asyncio.get_running_loop().create_task(self.leave(conn, room.id))
-                    )
-                    self._kicks = {task for task in self._kicks if not task.done()}
+                    self._background(self.leave(conn, room.id))
 
     def _drop(self, conn: Connection, code: CloseCode) -> None:
-        """Close a socket now and stop delivering to it; the consumer unregisters it later."""
+        """Close a socket now, stop delivering to it and stop counting it as present; the
+        consumer unregisters it once the server reports the disconnect, which for a peer that
+        never reads can take the server's own closing timeout."""
         conn.close(code)
-        for room_id in conn.rooms:
+        for room_id in list(conn.rooms):
             room = self.rooms.get(room_id)
-            if room is not None:
-                room.members.discard(conn)
+            if room is not None and self._remove_member(room, conn):
+                self._background(self._unsubscribe(room_id))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine the caller cannot await, keeping a reference until it is done."""
+        self._kicks = {task for task in self._kicks if not task.done()}
+        self._kicks.add(asyncio.get_running_loop().create_task(coro))
 
     # --- layer health ------------------------------------------------------------------------
     #
@@ -679,8 +693,7 @@ class Hub:
                 for room_id, since in rooms.items():  # try again after the next probe
                     self.unpublished[room_id] = min(since, self.unpublished.get(room_id, since))
 
-        self._kicks.add(asyncio.get_running_loop().create_task(announce()))
-        self._kicks = {task for task in self._kicks if not task.done()}
+        self._background(announce())
 
     def publish_failed(self, room_id: int, frame: Frame) -> None:
         """A room event could not be published. For a message (stored, never delivered) every
