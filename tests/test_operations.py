@@ -73,6 +73,7 @@ async def test_each_process_serves_its_own_metrics(
     await b.join("final")
     await a.post("final", "counted", client_id="m1")
     await b.messages(1)
+    await a.expect("ack")  # counted once the post is answered, which can be after delivery
     _, first = await _fetch(f"http://127.0.0.1:{ports[0]}/metrics")
     _, second = await _fetch(f"http://127.0.0.1:{ports[1]}/metrics")
     assert "chat_sockets_open 1.0" in first and "chat_sockets_open 1.0" in second
