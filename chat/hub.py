@@ -365,10 +365,14 @@ class Hub:
         """Start a join: subscribe the process if needed and hold the room's events for conn.
 
         Call `join_complete` once `joined` is sent. Subscribing happens before the caller reads
-        history, so nothing posted in between can be missed.
+        history, so nothing posted in between can be missed. The rules passed in were just
+        read from the database: they replace the local copy, which a `room` event lost in an
+        outage could have left stale.
         """
         room = self.rooms.get(room_id)
-        if room is None:
+        if room is not None:
+            room.slow_mode, room.read_only = slow_mode, read_only
+        else:
             room = self.rooms[room_id] = LocalRoom(
                 room_id, slug, slow_mode=slow_mode, read_only=read_only
             )
@@ -677,6 +681,8 @@ class Hub:
             if not self.draining:
                 logger.warning("hub: probe %d arrived but an earlier one did not; resync", seq)
             self.resync_all()
+            # Redis may have restarted empty: announce every local member again at once.
+            self.presence.next_refresh = 0.0
         else:
             for room in self.rooms.values():
                 room.checkpoint, room.next_checkpoint = room.next_checkpoint, room.last_id
