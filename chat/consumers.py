@@ -9,8 +9,10 @@ has no channel-layer channel of its own, since the process's hub is the group me
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from typing import Any
 
 from channels.consumer import AsyncConsumer
@@ -102,9 +104,7 @@ class ChatConsumer(AsyncConsumer):
             await self.send_event({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN)})
             return
         if self.identity.user_id is not None:
-            profile = await database_sync_to_async(selectors.user_socket_profile)(
-                user_id=self.identity.user_id
-            )
+            profile = await _profiles.get(self.identity.user_id)
             refusal: tuple[protocol.Frame, CloseCode] | None = None
             if not profile.active:
                 refusal = (
@@ -327,6 +327,64 @@ class ChatConsumer(AsyncConsumer):
         metrics.ERRORS_SENT.labels(code.value).inc()
         if self.conn is not None:
             self.conn.send_frame(protocol.error(code, detail, ref=ref, **extra))
+
+
+class _ProfileLookups:
+    """Connect-time profile checks, batched: one lookup runs at a time for every socket that
+    connected meanwhile, so a storm of connects costs the database thread a few queries per
+    batch instead of four per socket. One per event loop (futures belong to a loop)."""
+
+    BATCH = 500  # users per query; well under SQLite's bound-variable limit
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[asyncio.Future[selectors.SocketProfile]]] = {}
+        self.running: asyncio.Task[None] | None = None
+
+    async def get(self, user_id: int) -> selectors.SocketProfile:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(user_id, []).append(future)
+        if self.running is None:
+            self.running = asyncio.get_running_loop().create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self.waiting:
+                ids = list(self.waiting)[: self.BATCH]
+                batch = {user_id: self.waiting.pop(user_id) for user_id in ids}
+                try:
+                    profiles = await database_sync_to_async(selectors.user_socket_profiles)(
+                        user_ids=ids
+                    )
+                except Exception as exc:
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for user_id, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(profiles[user_id])
+        finally:
+            self.running = None
+
+
+_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ProfileLookups] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _Profiles:
+    async def get(self, user_id: int) -> selectors.SocketProfile:
+        loop = asyncio.get_running_loop()
+        lookups = _lookups.get(loop)
+        if lookups is None:
+            lookups = _lookups[loop] = _ProfileLookups()
+        return await lookups.get(user_id)
+
+
+_profiles = _Profiles()
 
 
 def _ref(frame: protocol.ClientFrame) -> str | None:
