@@ -603,7 +603,7 @@ class RawSocket:
             lines.append(f"Origin: {origin}")
         await self.send_raw(("\r\n".join(lines) + "\r\n\r\n").encode())
         while b"\r\n\r\n" not in self.buf:
-            if not await self._fill(5):
+            if not await self.fill(5):
                 raise ConnectionError("closed during the handshake")
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.status = int(head.split(b" ", 2)[1])
@@ -618,7 +618,7 @@ class RawSocket:
     async def send_json(self, frame: dict[str, Any]) -> None:
         await self.send_frame(OP_TEXT, json.dumps(frame).encode())
 
-    async def _fill(self, timeout: float) -> bool:
+    async def fill(self, timeout: float) -> bool:
         """Read what the kernel has (waiting up to `timeout`); False at EOF or reset."""
         loop = asyncio.get_running_loop()
         try:
@@ -666,7 +666,7 @@ class RawSocket:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("no frame")
-            await self._fill(remaining)
+            await self.fill(remaining)
 
     async def read_until_closed(
         self, timeout: float = 10.0, *, answer_pings: bool = False
