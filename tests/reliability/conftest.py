@@ -21,6 +21,7 @@ FAST = {
     "CHAT_HEARTBEAT_INTERVAL": "1",
     "CHAT_HEARTBEAT_TIMEOUT": "4",
     "CHAT_BATCH_WINDOW_MS": "20",
+    "CHAT_DRAIN_SPREAD": "0.3",  # servers stop quickly at the end of each test
     # The abuse limits are not under test here: traffic comes from few users, fast.
     "CHAT_RATE_MESSAGES": "1000000",
     "CHAT_REPEAT_WINDOW_SECONDS": "0",

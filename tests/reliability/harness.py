@@ -557,6 +557,7 @@ class RawSocket:
         self.status = 0
         self.close_code: int | None = None
         self.eof = False
+        self.msgpack = False  # the chat.msgpack subprotocol: frames are binary msgpack
 
     @classmethod
     async def connect(
@@ -576,6 +577,7 @@ class RawSocket:
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 5)
         raw = cls(sock)
+        raw.msgpack = subprotocol == "chat.msgpack"
         if handshake:
             await raw.handshake(port, token=token, origin=origin, subprotocol=subprotocol)
         return raw
@@ -616,7 +618,11 @@ class RawSocket:
         await self.send_raw(client_frame(opcode, payload, **kwargs))
 
     async def send_json(self, frame: dict[str, Any]) -> None:
-        await self.send_frame(OP_TEXT, json.dumps(frame).encode())
+        """Send a chat frame in the socket's format (JSON text, or msgpack binary)."""
+        if self.msgpack:
+            await self.send_frame(OP_BINARY, msgpack.packb(frame))
+        else:
+            await self.send_frame(OP_TEXT, json.dumps(frame).encode())
 
     async def fill(self, timeout: float) -> bool:
         """Read what the kernel has (waiting up to `timeout`); False at EOF or reset."""
