@@ -310,6 +310,7 @@ class Member:
         self.sent_at: dict[str, float] = {}
         self.answered: dict[str, tuple[str, float, dict[str, Any]]] = {}
         self.pending: dict[str, tuple[str, str]] = {}
+        self.room_of: dict[str, str] = {}  # client_id -> room, for every post
         self.acked: dict[str, int] = {}  # client_id -> id, from `ack`
         self.stored: dict[str, int] = {}  # client_id -> id, from `error unavailable {id}`
         self.errors: collections.Counter[str] = collections.Counter()
@@ -462,6 +463,11 @@ class Member:
                 self._answer(ref, "error", frame)
                 if frame.get("id") is not None:
                     self.stored[ref] = frame["id"]
+            elif ref in self.joined and frame["code"] == "unavailable":
+                # A join refused while Redis is away: try again shortly, as a client should.
+                asyncio.get_running_loop().call_later(
+                    0.5, lambda: asyncio.ensure_future(self._join(ref))
+                )
 
     def _saw(self, message: dict[str, Any], live: bool = True) -> None:
         room = message["room"]
@@ -484,6 +490,7 @@ class Member:
         """Post (or queue, while disconnected) a message; returns its client_id."""
         client_id = f"{self.name}-{next(_ids)}"
         self.pending[client_id] = (room, body or client_id)
+        self.room_of[client_id] = room
         self.sent_at[client_id] = time.monotonic()
         await self._send_post(client_id, room, body or client_id)
         return client_id
