@@ -638,7 +638,7 @@ def main() -> None:
         default=0.3,
         help="start a run only once other processes use fewer cores than this",
     )
-    run.add_argument("--max-wait", type=float, default=180, help="seconds to wait for that")
+    run.add_argument("--max-wait", type=float, default=60, help="seconds to wait for that")
     table = sub.add_parser("table")
     table.add_argument("scenarios", nargs="*")
     table.add_argument("--results", type=Path, default=OUT / "results.jsonl")
