@@ -128,9 +128,9 @@ async def _fault_cycle(
         "slowest_answer_s": round(slowest_answer, 2),
         "answers": sorted(kinds),
         "posting_back_s": round(posting_back_s, 2),
-        "fanout_back_s": round(time.monotonic() - healed_at - 0, 2),
-        "fanout_after_probe_s": round(fanout_back_s, 2),
+        "fanout_after_ack_s": round(fanout_back_s, 2),
         "recovered_s": round(recovered_s, 2),
+        "stored": sum(len(ids) for ids in stored.values()),
         "resyncs": [m.resyncs for m in members],
         "connects": [m.connects for m in members],
         "resync_metric": [await metric(metrics_port(s), "chat_resyncs_total") for s in (one, two)],
@@ -139,6 +139,17 @@ async def _fault_cycle(
     for member in members:
         await member.stop()
     return result
+
+
+def _describe(what: str, r: dict[str, Any]) -> str:
+    return (
+        f"{what}: {r['posts_during']} posts during the outage, all answered "
+        f"({'/'.join(r['answers'])}), the slowest in {r['slowest_answer_s']} s; posts acked "
+        f"again {r['posting_back_s']} s after Redis came back, fan-out to all 6 members "
+        f"{r['fanout_after_ack_s']} s later; all {r['stored']} stored messages seen by every "
+        f"member {r['recovered_s']} s after Redis came back (resyncs per member "
+        f"{r['resyncs']}); no socket dropped (connects {r['connects']})"
+    )
 
 
 async def test_redis_restart_mid_traffic_keeps_sockets_and_loses_nothing(
@@ -159,7 +170,7 @@ async def test_redis_restart_mid_traffic_keeps_sockets_and_loses_nothing(
         heal=redis_server.start,
         outage_s=3.0,
     )
-    print("redis restart:", result)
+    print(_describe("redis restart", result))
     assert all(result["alive"])
     assert result["connects"] == [1] * 6, "every client kept its socket"
     assert result["slowest_answer_s"] < 2.5  # CHAT_REDIS_TIMEOUT 1 s, plus margin
@@ -185,9 +196,12 @@ async def test_redis_frozen_with_sigstop_then_continued(
         heal=redis_server.resume,
         outage_s=4.0,
     )
-    print("redis sigstop:", result)
+    print(_describe("redis sigstop", result))
     assert all(result["alive"])
     assert result["connects"] == [1] * 6, "every client kept its socket"
-    assert result["slowest_answer_s"] < 3.5  # CHAT_REDIS_TIMEOUT 1 s (twice, limits + publish)
+    # A hung Redis costs a post CHAT_REDIS_TIMEOUT twice (limits, publish) until the probe
+    # marks Redis down (after 2 x CHAT_PROBE_INTERVAL + CHAT_REDIS_TIMEOUT = 2 s), and a post
+    # may wait behind the previous one on its socket; after that posts fail at once.
+    assert result["slowest_answer_s"] < 5
     assert set(result["answers"]) <= {"unavailable", "ack"}
     assert result["recovered_s"] < 15
