@@ -241,6 +241,12 @@ async def test_banned_and_deactivated_users_are_refused(
     await open_socket.post("final", "still here?", client_id="late")
     late = await open_socket.expect("error")
     assert (late["code"], late["ref"]) == ("auth_required", "late")
+    # Deactivation refuses new sockets and posts; the open socket still reads the room.
+    other = await Client.connect(server.url, token=make_user("other")[1])
+    await other.join("final")
+    await other.post("final", "can you read this", client_id="o1")
+    assert [m["body"] for m in await open_socket.messages(1)] == ["can you read this"]
+    await other.close()
     await open_socket.close()
 
 
