@@ -9,8 +9,9 @@ from /proc/<pid>/status (VmRSS).
 
 from __future__ import annotations
 
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -53,6 +54,19 @@ def _settled_rss(server_pid: int) -> int:
     return last
 
 
+@pytest.fixture
+def _open_files() -> Iterator[None]:
+    """Enough file descriptors for the server (a child inherits this process's limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = SOCKETS + 1000
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("_open_files")
 def test_two_connection_storms_all_succeed_and_memory_returns(
     chat_server: Callable[..., Any], make_room: Callable[..., Any]
 ) -> None:
@@ -82,7 +96,7 @@ def test_two_connection_storms_all_succeed_and_memory_returns(
             connect_rate=SOCKETS / SECONDS,
             # The server accepts about 350 connects a second here, fewer than arrive: the last
             # sockets of a storm wait several seconds for their `hello`.
-            connect_timeout=20,
+            connect_timeout=30,
             workers=2,
             join=False,
             warmup_token=tokens[0],
