@@ -38,9 +38,9 @@ def _setup_orm_in_async_tests(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def redis_server() -> Iterator[Redis]:
     """A Redis of this test's own, which it may kill, restart, stop and continue."""
-    server = Redis().start()
+    server = Redis()
     try:
-        yield server
+        yield server.start()
     finally:
         server.cleanup()
 

@@ -27,9 +27,9 @@ RATE = 6  # posts per user per window, for the rate-limit check
 
 @pytest.fixture
 def sentinels() -> Iterator[SentinelGroup]:
-    group = SentinelGroup().start()
+    group = SentinelGroup()
     try:
-        yield group
+        yield group.start()
     finally:
         group.cleanup()
 
