@@ -555,6 +555,7 @@ class Worker:
         self.latency = Histogram()  # scheduled send -> delivery received
         self.fanout = Histogram()  # server's message ts -> delivery received
         self.ack = Histogram()  # scheduled send -> ack received by the sender
+        self.send_lag = Histogram()  # scheduled send -> actually sent (the generator's own lag)
         self.t0 = 0.0
         self.connect_hist = Histogram()
         self.join_hist = Histogram()
@@ -711,11 +712,19 @@ class Worker:
         self.loop.call_at(self.loop.time() + max(0.0, end - time.time()), snapshot_window)
         pad = self.pad
         marker = self.marker
+        give_up = end + plan.drain
         for i in mine:
             scheduled = t0 + i / plan.rate
-            delay = scheduled - time.time()
+            now = time.time()
+            if now > give_up:
+                # This generator fell so far behind that sending on would outlast the run.
+                self.unsent += 1
+                continue
+            delay = scheduled - now
             if delay > 0:
                 await asyncio.sleep(delay)
+            else:
+                self.send_lag.add(int(-delay * 1_000_000))
             room, sender = message_sender(plan, i)
             poster = self.clients.get(sender)
             if poster is None or poster.closed:
@@ -741,7 +750,7 @@ class Worker:
             await asyncio.sleep(delay)
         # Drain: until every delivery this worker expects arrived, nothing arrived for
         # drain_quiet seconds, or drain seconds passed.
-        deadline = time.time() + plan.drain
+        deadline = min(time.time() + plan.drain, give_up + 5)
         last, last_change = self.delivered, time.time()
         while self.delivered < expected_local and time.time() < deadline:
             await asyncio.sleep(0.05)
@@ -762,6 +771,7 @@ class Worker:
                 "latency": self.latency.to_wire(),
                 "fanout": self.fanout.to_wire(),
                 "ack": self.ack.to_wire(),
+                "send_lag": self.send_lag.to_wire(),
             }
         )
 
@@ -1063,6 +1073,16 @@ class Coordinator:
 
         # load
         t0 = time.time() + plan.warmup
+        # The servers' idle CPU (heartbeats, presence, timers) with every socket connected,
+        # over the warmup after a settling second: subtracted for the net cost per delivery.
+        idle: tuple[int, float] | None = None
+        if plan.warmup >= 2:
+            self.sleep_until(time.time() + 1)
+            idle_cpu0, idle_t0 = self.server_cpu(), time.time()
+            self.sleep_until(t0 - 0.05)
+            idle_cpu1 = self.server_cpu()
+            if idle_cpu0 is not None and idle_cpu1 is not None:
+                idle = (idle_cpu1 - idle_cpu0, time.time() - idle_t0)
         self.sleep_until(t0 - 0.05)
         rss_at_t0 = self.server_rss()
         self._rss(server, rss_before, rss_at_t0, connected)
@@ -1087,7 +1107,7 @@ class Coordinator:
         drain_start = time.time()
         done = self.gather(
             "done",
-            plan.drain + 30,
+            plan.drain + 60,
             lambda: self.progress.update(
                 min(plan.drain, time.time() - drain_start),
                 delivered=self.progress.total(_C_DELIVERED),
@@ -1095,8 +1115,9 @@ class Coordinator:
         )
         self.progress.close()
 
-        latency, fanout, ack = Histogram(), Histogram(), Histogram()
+        latency, fanout, ack, lag = Histogram(), Histogram(), Histogram(), Histogram()
         for r in done:
+            lag.merge(Histogram.from_wire(r["send_lag"]))
             latency.merge(Histogram.from_wire(r["latency"]))
             fanout.merge(Histogram.from_wire(r["fanout"]))
             ack.merge(Histogram.from_wire(r["ack"]))
@@ -1129,6 +1150,9 @@ class Coordinator:
             latency_ms=latency.summary(50, 95, 99, 100),
             fanout_ms=fanout.summary(50, 95, 99, 100),
             ack_ms=ack.summary(50, 95, 99, 100),
+            # How late the generator itself sent (only sends that were late are counted).
+            send_lag_ms=lag.summary(99, 100),
+            late_sends=lag.count,
         )
         if gen0 is not None and gen1 is not None:
             result["generator_cpu_pct"] = round(100 * (gen1 - gen0) / 1e6 / plan.duration, 1)
@@ -1139,6 +1163,12 @@ class Coordinator:
                 round(used / window_delivered, 2) if window_delivered else None
             )
             server["cpu_us_per_message"] = round(used / sent, 1) if sent else None
+            if idle is not None:
+                idle_used = idle[0] / idle[1] * plan.duration
+                server["idle_cpu_pct_before"] = round(100 * idle[0] / 1e6 / idle[1], 1)
+                server["cpu_us_per_delivery_net"] = (
+                    round((used - idle_used) / window_delivered, 2) if window_delivered else None
+                )
         if redis0 is not None and redis1 is not None:
             server["redis_cpu_pct"] = round(100 * (redis1 - redis0) / 1e6 / plan.duration, 1)
         return result

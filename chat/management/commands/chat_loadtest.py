@@ -273,7 +273,10 @@ def render(r: dict[str, Any]) -> str:
         if r["errors"] or r["rejected"]:
             lines.append(f"error frames     {r['error_codes']}")
         if "generator_cpu_pct" in r:
-            lines.append(f"generator cpu    {r['generator_cpu_pct']}% of a core")
+            lines.append(
+                f"generator        cpu {r['generator_cpu_pct']}% of a core   "
+                f"late sends {r['late_sends']}  lag {_ms(r['send_lag_ms'])}"
+            )
     elif r["mode"] == "storm":
         lines.append(f"closed after     {r['closed_after_connect']}")
     elif r["mode"] == "idle":
@@ -284,6 +287,8 @@ def render(r: dict[str, Any]) -> str:
         for key, label, unit in (
             ("cpu_pct", "cpu", "% of a core"),
             ("cpu_us_per_delivery", "", " us/delivery"),
+            ("cpu_us_per_delivery_net", "", " us/delivery net of idle"),
+            ("idle_cpu_pct_before", "idle cpu before", "%"),
             ("cpu_us_per_message", "", " us/message"),
             ("cpu_us_per_connect", "", " us/connect"),
             ("idle_cpu_pct", "idle cpu", "%"),
