@@ -49,7 +49,7 @@ class Scenario:
     name: str
     title: str
     args: list[str]  # chat_loadtest arguments besides --url, --server-pid, --json
-    server: str = "uvicorn"  # uvicorn | daphne
+    server: str = "uvicorn"  # uvicorn | daphne | daphne-uvloop
     processes: int = 1
     redis: bool = False
     app: str = "product"  # product | naive
@@ -92,8 +92,8 @@ def _idle(sockets: int, rooms: int) -> list[str]:
 
 TWO_CORES: list[str | None] = ["0", "1"]
 SCENARIOS: list[Scenario] = []
-for _server in ("uvicorn", "daphne"):
-    _name = _server.title()
+for _server in ("uvicorn", "daphne", "daphne-uvloop"):
+    _name = {"daphne-uvloop": "Daphne on uvloop"}.get(_server, _server.title())
     SCENARIOS += [
         Scenario(
             f"a-{_server}",
@@ -260,8 +260,9 @@ def server_command(scenario: Scenario, port: int) -> list[str]:
             *("--ws", "websockets-sansio", "--ws-max-size", "65536", "--backlog", "4096"),
             *("--log-level", "warning", "--no-access-log"),
         ]
+    module = "esports_chat.daphne_uvloop" if scenario.server == "daphne-uvloop" else "daphne"
     return [
-        *(PYTHON, "-m", "daphne", "-e", f"tcp:port={port}:interface=127.0.0.1:backlog=4096"),
+        *(PYTHON, "-m", module, "-e", f"tcp:port={port}:interface=127.0.0.1:backlog=4096"),
         *("--websocket-max-message-size", "65536", "-v", "0", app),
     ]
 
