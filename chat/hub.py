@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -326,6 +327,13 @@ class Hub:
         metrics.MEMORY_PER_SOCKET.set_function(
             lambda: metrics.process_rss_bytes() / max(1, len(self.connections))
         )
+        metrics.watch_gc()
+        if settings.CHAT_GC_FREEZE and not gc.get_freeze_count():
+            # Everything loaded so far (Django, the app, the server) lives as long as the
+            # process: moved out of the collector's sight, it no longer makes every full
+            # collection, a pause of the whole loop, longer (docs/benchmarks.md).
+            gc.collect()
+            gc.freeze()
         self._started.set()
 
     async def stop(self) -> None:

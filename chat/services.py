@@ -8,9 +8,11 @@ call them through database_sync_to_async, admin and commands call them directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import unicodedata
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -154,7 +156,8 @@ async def message_submit(
 ) -> PostResult | protocol.Frame:
     """A `message` frame from a socket: a moderator command, or a post past the abuse limits.
 
-    Returns the PostResult of a post, or the notice frame answering a command.
+    Returns the PostResult of a post, or the notice frame answering a command. Posts are
+    stored in batches (see _PostQueue) and published from the event loop in commit order.
     """
     name = commands.name_of(body.strip())
     if name is not None:
@@ -166,7 +169,7 @@ async def message_submit(
             actor_id=user_id, room=room, command=command
         )
         return protocol.notice(room=room.slug, detail=detail, ref=client_id)
-    return await database_sync_to_async(message_post)(
+    request = PostRequest(
         user_id=user_id,
         room=room,
         body=body,
@@ -174,6 +177,92 @@ async def message_submit(
         moderator=moderator,
         slow_mode=slow_mode,
     )
+    return await _PostQueue.for_loop().submit(request)
+
+
+@dataclass(frozen=True, slots=True)
+class PostRequest:
+    """One post as a socket sent it; `moderator` and `slow_mode` as the socket knows them."""
+
+    user_id: int
+    room: RoomInfo
+    body: str
+    client_id: str | None = None
+    moderator: bool = False
+    slow_mode: int = 0
+
+
+class _PostQueue:
+    """Posts of one event loop, stored a batch at a time.
+
+    While the database thread stores one batch, the posts that arrive queue up; the next
+    batch takes them all (up to BATCH) in one transaction, so a busy room pays one commit
+    and one connection per batch rather than per post, and a quiet one waits for nothing.
+    New messages are then published one after another in commit order, from the loop: the
+    database thread never waits on Redis.
+    """
+
+    BATCH = 200
+
+    _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PostQueue] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[PostRequest, asyncio.Future[PostResult]]] = []
+        self.running: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_loop(cls) -> _PostQueue:
+        loop = asyncio.get_running_loop()
+        queue = cls._queues.get(loop)
+        if queue is None:
+            queue = cls._queues[loop] = cls()
+        return queue
+
+    async def submit(self, request: PostRequest) -> PostResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PostResult] = loop.create_future()
+        self.waiting.append((request, future))
+        if self.running is None:
+            self.running = loop.create_task(self._run(), name="chat-posts")
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[: self.BATCH], self.waiting[self.BATCH :]
+                try:
+                    outcomes = await database_sync_to_async(message_post_many)(
+                        [request for request, _ in batch]
+                    )
+                except Exception as exc:
+                    # Nothing of this batch was stored: each sender gets the error and its
+                    # client resends with the same client_id.
+                    logger.exception("chat: storing %d posts failed", len(batch))
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (request, future), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, PostResult) and not outcome.duplicate:
+                        try:
+                            await hub.publish(request.room.id, outcome.frame)
+                        except Exception:
+                            outcome = _unpublished(outcome.frame)
+                    if future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self.running = None
+            if self.waiting:  # cancelled mid-batch: fail the rest rather than strand them
+                waiting, self.waiting = self.waiting, []
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(ChatError(ErrorCode.UNAVAILABLE, "retry shortly"))
 
 
 def _validate_body(body: str) -> None:
@@ -205,10 +294,58 @@ def message_post(
     author is active and not banned) against the database. A resend with a `client_id`
     this user already used in this room returns the original message with duplicate=True
     and publishes nothing. If publishing fails the message is still stored; the caller gets
-    ChatError(UNAVAILABLE)
-    and members recover it with `since`.
+    ChatError(UNAVAILABLE) and members recover it with `since`.
     """
-    body = text_normalize(body)
+    request = PostRequest(
+        user_id=user_id,
+        room=room,
+        body=body,
+        client_id=client_id,
+        moderator=moderator,
+        slow_mode=slow_mode,
+    )
+    checked = _message_check(request)
+    if isinstance(checked, PostResult):
+        return checked
+    try:
+        with transaction.atomic():
+            result = _message_insert(request, *checked)
+            if not result.duplicate:
+                transaction.on_commit(partial(_publish, room.id, result.frame), robust=False)
+    except _PublishFailed:
+        raise _unpublished(result.frame) from None
+    return result
+
+
+def message_post_many(requests: list[PostRequest]) -> list[PostResult | ChatError]:
+    """Store several posts in one transaction, each checked as message_post checks it.
+
+    A refused post comes back as its ChatError and leaves the others alone. The checks read
+    outside the transaction, which holds the write lock only for the inserts. Nothing is
+    published: the caller publishes each new message once this has returned (committed).
+    """
+    checked: list[PostResult | ChatError | tuple[str, str]] = []
+    for request in requests:
+        try:
+            checked.append(_message_check(request))
+        except ChatError as exc:
+            checked.append(exc)
+    if not any(isinstance(outcome, tuple) for outcome in checked):
+        return [outcome for outcome in checked if not isinstance(outcome, tuple)]
+    outcomes: list[PostResult | ChatError] = []
+    with transaction.atomic():
+        for request, outcome in zip(requests, checked, strict=True):
+            if isinstance(outcome, tuple):
+                outcome = _message_insert(request, *outcome)
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:
+    """The original of a resend, or (normalized body, author's username) of a post that may
+    be stored; ChatError if it may not."""
+    room, user_id, client_id = request.room, request.user_id, request.client_id
+    body = text_normalize(request.body)
     _validate_body(body)
     if client_id is not None:
         original = _message_by_client_id(user_id=user_id, client_id=client_id, room=room)
@@ -218,8 +355,8 @@ def message_post(
         user_id=user_id,
         room_id=room.id,
         body=body,
-        moderator=moderator,
-        slow_mode_seconds=slow_mode,
+        moderator=request.moderator,
+        slow_mode_seconds=request.slow_mode,
     )
     current = selectors.room_get_by_id(room_id=room.id)
     if current is None:
@@ -231,25 +368,22 @@ def message_post(
         raise ChatError(ErrorCode.AUTH_REQUIRED, "this account cannot post")
     if current.read_only and not author.has_perm(MODERATE):
         raise ChatError(ErrorCode.READ_ONLY, "only moderators can post here right now")
-    username = author.get_username()
     sanction = selectors.sanction_active(user_id=user_id, room_id=room.id)
     if sanction is not None:
         raise banned_error(sanction, room=room.slug)
+    return body, author.get_username()
+
+
+def _message_insert(request: PostRequest, body: str, username: str) -> PostResult:
+    """Insert one checked post inside the caller's transaction."""
+    room, user_id, client_id = request.room, request.user_id, request.client_id
     created = timezone.now()
     try:
+        # A savepoint: a resend racing its original fails here without undoing the others.
         with transaction.atomic():
             message = Message.objects.create(
                 room_id=room.id, author_id=user_id, body=body, created=created, client_id=client_id
             )
-            frame = protocol.message(
-                room=room.slug,
-                id=message.pk,
-                user=username,
-                body=body,
-                ts=to_ms(created),
-                client_id=client_id,
-            )
-            transaction.on_commit(partial(_publish, room.id, frame), robust=False)
     except IntegrityError:
         # Two resends raced; the first one stored the message.
         if client_id is None:
@@ -258,13 +392,23 @@ def message_post(
         if original is None:
             raise
         return PostResult(frame=original, duplicate=True)
-    except _PublishFailed:
-        raise ChatError(
-            ErrorCode.UNAVAILABLE,
-            "message stored, but live delivery is down; members will get it on reconnect",
-            id=frame["id"],
-        ) from None
+    frame = protocol.message(
+        room=room.slug,
+        id=message.pk,
+        user=username,
+        body=body,
+        ts=to_ms(created),
+        client_id=client_id,
+    )
     return PostResult(frame=frame, duplicate=False)
+
+
+def _unpublished(frame: protocol.Frame) -> ChatError:
+    return ChatError(
+        ErrorCode.UNAVAILABLE,
+        "message stored, but live delivery is down; members will get it on reconnect",
+        id=frame["id"],
+    )
 
 
 def _message_by_client_id(*, user_id: int, client_id: str, room: RoomInfo) -> protocol.Frame | None:

@@ -263,6 +263,9 @@ CHAT_MAX_COMBINING_MARKS = _env_int("CHAT_MAX_COMBINING_MARKS", 2, minimum=0)
 CHAT_SOCKET_FRAMES_PER_10S = _env_int("CHAT_SOCKET_FRAMES_PER_10S", 300, minimum=10)
 
 # Heartbeat: a ping every interval; a socket silent to pings for the timeout is closed.
+# Freeze what the process loaded before its first socket out of the garbage collector's
+# full collections, which otherwise pause the loop for 50-200 ms with thousands of sockets.
+CHAT_GC_FREEZE = _env_bool("CHAT_GC_FREEZE", True)
 CHAT_HEARTBEAT_INTERVAL = _env_float("CHAT_HEARTBEAT_INTERVAL", 30.0, minimum=0.05)
 CHAT_HEARTBEAT_TIMEOUT = _env_float("CHAT_HEARTBEAT_TIMEOUT", 60.0, minimum=0.1)
 # The hub's probe through the layer: its round trip is the pub/sub lag; without it for

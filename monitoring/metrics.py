@@ -6,7 +6,9 @@ never once per socket, so metrics stay off the per-delivery cost.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -66,6 +68,33 @@ RESYNCS = Counter(
 LAYER_ERRORS = Counter(
     "chat_layer_errors_total", "Channel-layer or Redis calls that failed or timed out.", ["op"]
 )
+
+
+GC_PAUSE = Histogram(
+    "chat_gc_pause_seconds",
+    "Time the garbage collector held the event loop, by generation collected.",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
+
+def watch_gc() -> None:
+    """Observe every collection's pause in GC_PAUSE (once per process)."""
+    if _gc_watch in gc.callbacks:
+        return
+    gc.callbacks.append(_gc_watch)
+
+
+_gc_started = 0.0
+_GC_GENERATIONS = [GC_PAUSE.labels(str(generation)) for generation in range(3)]
+
+
+def _gc_watch(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif _gc_started:
+        _GC_GENERATIONS[info["generation"]].observe(time.perf_counter() - _gc_started)
 
 
 def process_rss_bytes() -> int:

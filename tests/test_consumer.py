@@ -352,3 +352,53 @@ async def test_leave_stops_deliveries(make_user: Any, room: Any) -> None:
     assert await bob.nothing()
     await alice.close()
     await bob.close()
+
+
+async def test_posts_arriving_together_are_stored_as_one_batch_in_order(
+    make_user: Any, room: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Posts that queue while the database thread is busy are stored in one transaction; each
+    sender still gets its own ack, a refused post (too long) is refused alone, and every member
+    sees the new messages once, in id order."""
+    from chat import services
+
+    socks = []
+    for name in ("alice", "bob", "carol", "dave"):
+        _, token = await database_sync_to_async(make_user)(name)
+        sock = await Sock.open(token=token)
+        await sock.join("arena")
+        socks.append(sock)
+    batches: list[int] = []
+    original = services.message_post_many
+
+    def recording(requests: list[services.PostRequest]) -> list[Any]:
+        batches.append(len(requests))
+        return original(requests)
+
+    monkeypatch.setattr(services, "message_post_many", recording)
+    for round_ in range(3):
+        for index, sock in enumerate(socks):
+            body = "x" * 501 if (round_, index) == (1, 2) else f"r{round_} s{index}"
+            await sock.send(
+                {
+                    "type": "message",
+                    "room": "arena",
+                    "body": body,
+                    "client_id": f"{round_}{index}",
+                }
+            )
+    answers = [[await s.gather_any("ack", "error") for _ in range(3)] for s in socks]
+    refused = [a for per_sock in answers for a in per_sock if a["type"] == "error"]
+    assert [(e["code"], e["ref"]) for e in refused] == [("too_long", "12")]
+    acks = sorted(a["id"] for per_sock in answers for a in per_sock if a["type"] == "ack")
+    assert len(acks) == 11
+    assert sum(batches) == 12 and len(batches) < 12, batches  # some posts shared a batch
+    for sock in socks:
+        seen = [(await sock.expect("message"))["id"] for _ in range(11)]
+        assert seen == acks
+    stored = await database_sync_to_async(
+        lambda: list(Message.objects.order_by("id").values_list("id", flat=True))
+    )()
+    assert stored == acks
+    for sock in socks:
+        await sock.close()
