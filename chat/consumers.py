@@ -9,10 +9,8 @@ has no channel-layer channel of its own, since the process's hub is the group me
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import weakref
 from typing import Any
 
 from channels.consumer import AsyncConsumer
@@ -22,6 +20,7 @@ from django.conf import settings
 
 from chat import protocol, selectors, services
 from chat.auth import ANONYMOUS, Identity
+from chat.batching import Batcher
 from chat.errors import ChatError
 from chat.hub import Connection, Hub, Send, current_hub, get_hub
 from chat.protocol import CloseCode, ErrorCode, ProtocolError
@@ -104,7 +103,7 @@ class ChatConsumer(AsyncConsumer):
             await self.send_event({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN)})
             return
         if self.identity.user_id is not None:
-            profile = await _profiles.get(self.identity.user_id)
+            profile = await _profiles.submit(self.identity.user_id)
             refusal: tuple[protocol.Frame, CloseCode] | None = None
             if not profile.active:
                 refusal = (
@@ -201,9 +200,7 @@ class ChatConsumer(AsyncConsumer):
             raise ChatError(
                 ErrorCode.TOO_MANY_ROOMS, f"a socket can join at most {limit} rooms", limit=limit
             )
-        room = await database_sync_to_async(services.room_enter)(
-            slug=frame.room, user_id=self.identity.user_id
-        )
+        room = await _room_entries.submit((frame.room, self.identity.user_id))
         try:
             await self.hub.join(
                 conn, room.id, room.slug, slow_mode=room.slow_mode, read_only=room.read_only
@@ -211,17 +208,10 @@ class ChatConsumer(AsyncConsumer):
         except Exception:
             raise ChatError(ErrorCode.UNAVAILABLE, "cannot join right now; retry shortly") from None
         since = self.hub.join_since(conn, room.id, frame.since)
-        deleted: list[int] = []
         try:
-            if since is None:
-                page = await database_sync_to_async(selectors.message_recent)(room=room)
-                history, gap, more = page.messages, False, page.more
-            else:
-                recovery = await database_sync_to_async(selectors.message_since)(
-                    room=room, since=since
-                )
-                history, gap, deleted = recovery.messages, recovery.gap, recovery.deleted
-                more = gap or since > 0
+            # Read after the hub holds the room's events for this socket: nothing posted in
+            # between is missed, and join_complete drops what the history already has.
+            found = await _histories.submit((room, since))
         except BaseException:
             if room.slug not in self.rooms:
                 await self.hub.leave(conn, room.id)
@@ -233,16 +223,16 @@ class ChatConsumer(AsyncConsumer):
             protocol.joined(
                 room=room.slug,
                 title=room.title,
-                history=history,
+                history=found.messages,
                 online=online,
-                more=more,
-                gap=gap,
+                more=found.more,
+                gap=found.gap,
                 slow_mode=slow_mode,
                 read_only=read_only,
-                deleted=deleted,
+                deleted=found.deleted,
             )
         )
-        newest = history[-1]["id"] if history else None
+        newest = found.messages[-1]["id"] if found.messages else None
         self.hub.join_complete(
             conn, room.id, newest if newest is not None else (since or 0), history_last=newest
         )
@@ -329,62 +319,16 @@ class ChatConsumer(AsyncConsumer):
             self.conn.send_frame(protocol.error(code, detail, ref=ref, **extra))
 
 
-class _ProfileLookups:
-    """Connect-time profile checks, batched: one lookup runs at a time for every socket that
-    connected meanwhile, so a storm of connects costs the database thread a few queries per
-    batch instead of four per socket. One per event loop (futures belong to a loop)."""
-
-    BATCH = 500  # users per query; well under SQLite's bound-variable limit
-
-    def __init__(self) -> None:
-        self.waiting: dict[int, list[asyncio.Future[selectors.SocketProfile]]] = {}
-        self.running: asyncio.Task[None] | None = None
-
-    async def get(self, user_id: int) -> selectors.SocketProfile:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(user_id, []).append(future)
-        if self.running is None:
-            self.running = asyncio.get_running_loop().create_task(self._run())
-        return await future
-
-    async def _run(self) -> None:
-        try:
-            while self.waiting:
-                ids = list(self.waiting)[: self.BATCH]
-                batch = {user_id: self.waiting.pop(user_id) for user_id in ids}
-                try:
-                    profiles = await database_sync_to_async(selectors.user_socket_profiles)(
-                        user_ids=ids
-                    )
-                except Exception as exc:
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for user_id, futures in batch.items():
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(profiles[user_id])
-        finally:
-            self.running = None
+def _socket_profiles(user_ids: list[int]) -> list[selectors.SocketProfile]:
+    profiles = selectors.user_socket_profiles(user_ids=user_ids)
+    return [profiles[user_id] for user_id in user_ids]
 
 
-_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ProfileLookups] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-class _Profiles:
-    async def get(self, user_id: int) -> selectors.SocketProfile:
-        loop = asyncio.get_running_loop()
-        lookups = _lookups.get(loop)
-        if lookups is None:
-            lookups = _lookups[loop] = _ProfileLookups()
-        return await lookups.get(user_id)
-
-
-_profiles = _Profiles()
+# A storm of connects and joins costs the database thread a few queries per batch, not per
+# socket (chat.batching).
+_profiles = Batcher("profile", _socket_profiles)
+_room_entries = Batcher("join", services.room_enter_many)
+_histories = Batcher("history", selectors.join_histories)
 
 
 def _ref(frame: protocol.ClientFrame) -> str | None:

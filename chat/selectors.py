@@ -95,8 +95,15 @@ def room_get_by_id(*, room_id: int) -> RoomInfo | None:
     return RoomInfo(*row) if row else None
 
 
-def room_is_member(*, room_id: int, user_id: int) -> bool:
-    return Room.members.through.objects.filter(room_id=room_id, user_id=user_id).exists()
+def rooms_by_slug(*, slugs: Collection[str]) -> dict[str, RoomInfo]:
+    rows = Room.objects.filter(slug__in=slugs).values_list(*_ROOM_FIELDS)
+    return {row[1]: RoomInfo(*row) for row in rows}
+
+
+def room_members_among(*, room_id: int, user_ids: Collection[int]) -> set[int]:
+    """Which of these users are members of the room."""
+    through = Room.members.through.objects.filter(room_id=room_id, user_id__in=user_ids)
+    return set(through.values_list("user_id", flat=True))
 
 
 def room_list_visible(*, user_id: int | None) -> list[RoomInfo]:
@@ -178,11 +185,56 @@ def sanction_active(*, user_id: int, room_id: int | None) -> SanctionInfo | None
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
         .values_list("kind", "room_id", "expires_at", "reason")
     )
-    if not rows:
-        return None
-    # A permanent sanction outlasts any timed one; among timed ones the latest expiry wins.
-    rows.sort(key=lambda r: (r[2] is None, r[2] or now))
-    return SanctionInfo(*rows[-1])
+    return _longest(rows, now) if rows else None
+
+
+def sanctions_active(*, user_ids: Collection[int], room_id: int) -> dict[int, SanctionInfo]:
+    """sanction_active for several users of one room in one query; users with none are absent."""
+    now = timezone.now()
+    found: dict[int, list[tuple[Any, ...]]] = {}
+    for user_id, *row in (
+        Sanction.objects.filter(
+            Q(room__isnull=True) | Q(room_id=room_id), user_id__in=user_ids, lifted_at__isnull=True
+        )
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .values_list("user_id", "kind", "room_id", "expires_at", "reason")
+    ):
+        found.setdefault(user_id, []).append(tuple(row))
+    return {user_id: _longest(rows, now) for user_id, rows in found.items()}
+
+
+def _longest(rows: list[tuple[Any, ...]], now: datetime) -> SanctionInfo:
+    """A permanent sanction outlasts any timed one; among timed ones the latest expiry wins."""
+    return SanctionInfo(*sorted(rows, key=lambda r: (r[2] is None, r[2] or now))[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class JoinHistory:
+    """What `joined` carries: recent messages (no `since`) or everything after `since`."""
+
+    messages: list[protocol.Frame]
+    more: bool
+    gap: bool
+    deleted: list[int]
+
+
+def join_histories(requests: list[tuple[RoomInfo, int | None]]) -> list[JoinHistory]:
+    """The history of each (room, since) a join asked for. Sockets joining the same room
+    from the same point in one batch (a storm, everyone with no `since`) share one read."""
+    read: dict[tuple[int, int | None], JoinHistory] = {}
+    outcomes = []
+    for room, since in requests:
+        key = (room.id, since)
+        if key not in read:
+            if since is None:
+                page = message_recent(room=room)
+                read[key] = JoinHistory(page.messages, page.more, gap=False, deleted=[])
+            else:
+                recovery = message_since(room=room, since=since)
+                more = recovery.gap or since > 0
+                read[key] = JoinHistory(recovery.messages, more, recovery.gap, recovery.deleted)
+        outcomes.append(read[key])
+    return outcomes
 
 
 def user_is_moderator(*, user_id: int) -> bool:
@@ -234,11 +286,7 @@ def user_socket_profiles(*, user_ids: Collection[int]) -> dict[int, SocketProfil
         if user_id not in rows or not rows[user_id][0]:
             profiles[user_id] = SocketProfile(active=False, moderator=False, banned=None)
             continue
-        banned = None
-        if user_id in sanctions:
-            # As sanction_active: a permanent sanction outlasts any timed one.
-            ranked = sorted(sanctions[user_id], key=lambda r: (r[2] is None, r[2] or now))
-            banned = SanctionInfo(*ranked[-1])
+        banned = _longest(sanctions[user_id], now) if user_id in sanctions else None
         profiles[user_id] = SocketProfile(
             active=True, moderator=user_id in moderators, banned=banned
         )

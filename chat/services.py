@@ -28,6 +28,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from chat import commands, hub, limits, protocol, selectors
+from chat.batching import Batcher
 from chat.errors import ChatError
 from chat.models import SLOW_MODE_MAX_SECONDS, Message, ModerationLog, Room, Sanction
 from chat.protocol import ErrorCode
@@ -96,19 +97,49 @@ def mentions(body: str) -> set[str]:
 
 def room_enter(*, slug: str, user_id: int | None) -> RoomInfo:
     """The room a socket may join, or ChatError saying why not."""
-    room = selectors.room_get(slug=slug)
-    if room is None:
-        raise ChatError(ErrorCode.UNKNOWN_ROOM, f"no room {slug!r}")
-    if not room.is_public:
-        if user_id is None:
-            raise ChatError(ErrorCode.AUTH_REQUIRED, "this room is for members; sign in first")
-        if not selectors.room_is_member(room_id=room.id, user_id=user_id):
-            raise ChatError(ErrorCode.FORBIDDEN, "this room is for members only")
-    if user_id is not None:
-        sanction = selectors.sanction_active(user_id=user_id, room_id=room.id)
-        if sanction is not None:
-            raise banned_error(sanction, room=room.slug)
-    return room
+    (outcome,) = room_enter_many([(slug, user_id)])
+    if isinstance(outcome, ChatError):
+        raise outcome
+    return outcome
+
+
+def room_enter_many(requests: list[tuple[str, int | None]]) -> list[RoomInfo | ChatError]:
+    """room_enter for several (slug, user id) at once: what a storm of joins costs is a few
+    queries per room, not per socket. Same answers, in order."""
+    outcomes: list[RoomInfo | ChatError] = []
+    rooms = selectors.rooms_by_slug(slugs={slug for slug, _ in requests})
+    users: dict[int, set[int]] = {}
+    for slug, user_id in requests:
+        if slug in rooms and user_id is not None:
+            users.setdefault(rooms[slug].id, set()).add(user_id)
+    members = {
+        room_id: selectors.room_members_among(room_id=room_id, user_ids=ids)
+        for room_id, ids in users.items()
+        if not _room_of(rooms, room_id).is_public
+    }
+    sanctions = {
+        room_id: selectors.sanctions_active(user_ids=ids, room_id=room_id)
+        for room_id, ids in users.items()
+    }
+    for slug, user_id in requests:
+        room = rooms.get(slug)
+        if room is None:
+            outcomes.append(ChatError(ErrorCode.UNKNOWN_ROOM, f"no room {slug!r}"))
+        elif not room.is_public and user_id is None:
+            outcomes.append(
+                ChatError(ErrorCode.AUTH_REQUIRED, "this room is for members; sign in first")
+            )
+        elif not room.is_public and user_id not in members[room.id]:
+            outcomes.append(ChatError(ErrorCode.FORBIDDEN, "this room is for members only"))
+        elif user_id is not None and user_id in sanctions[room.id]:
+            outcomes.append(banned_error(sanctions[room.id][user_id], room=room.slug))
+        else:
+            outcomes.append(room)
+    return outcomes
+
+
+def _room_of(rooms: dict[str, RoomInfo], room_id: int) -> RoomInfo:
+    return next(room for room in rooms.values() if room.id == room_id)
 
 
 def banned_error(sanction: selectors.SanctionInfo, *, room: str | None = None) -> ChatError:
@@ -156,8 +187,10 @@ async def message_submit(
 ) -> PostResult | protocol.Frame:
     """A `message` frame from a socket: a moderator command, or a post past the abuse limits.
 
-    Returns the PostResult of a post, or the notice frame answering a command. Posts are
-    stored in batches (see _PostQueue) and published from the event loop in commit order.
+    Returns the PostResult of a post, or the notice frame answering a command. Posts that
+    arrive while the database thread is busy are stored together, in one transaction
+    (chat.batching); each new message is then published from the event loop, so the thread
+    never waits on Redis.
     """
     name = commands.name_of(body.strip())
     if name is not None:
@@ -177,7 +210,16 @@ async def message_submit(
         moderator=moderator,
         slow_mode=slow_mode,
     )
-    return await _PostQueue.for_loop().submit(request)
+    result = await _posts.submit(request)
+    if not result.duplicate:
+        # Batches come back from the database thread in commit order and their callers
+        # resume in that order; the lock keeps them in it on their way to Redis.
+        async with _publish_order():
+            try:
+                await hub.publish(room.id, result.frame)
+            except Exception:
+                raise _unpublished(result.frame) from None
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,77 +234,18 @@ class PostRequest:
     slow_mode: int = 0
 
 
-class _PostQueue:
-    """Posts of one event loop, stored a batch at a time.
+_publish_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
-    While the database thread stores one batch, the posts that arrive queue up; the next
-    batch takes them all (up to BATCH) in one transaction, so a busy room pays one commit
-    and one connection per batch rather than per post, and a quiet one waits for nothing.
-    New messages are then published one after another in commit order, from the loop: the
-    database thread never waits on Redis.
-    """
 
-    BATCH = 200
-
-    _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PostQueue] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[PostRequest, asyncio.Future[PostResult]]] = []
-        self.running: asyncio.Task[None] | None = None
-
-    @classmethod
-    def for_loop(cls) -> _PostQueue:
-        loop = asyncio.get_running_loop()
-        queue = cls._queues.get(loop)
-        if queue is None:
-            queue = cls._queues[loop] = cls()
-        return queue
-
-    async def submit(self, request: PostRequest) -> PostResult:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[PostResult] = loop.create_future()
-        self.waiting.append((request, future))
-        if self.running is None:
-            self.running = loop.create_task(self._run(), name="chat-posts")
-        return await future
-
-    async def _run(self) -> None:
-        try:
-            while self.waiting:
-                batch, self.waiting = self.waiting[: self.BATCH], self.waiting[self.BATCH :]
-                try:
-                    outcomes = await database_sync_to_async(message_post_many)(
-                        [request for request, _ in batch]
-                    )
-                except Exception as exc:
-                    # Nothing of this batch was stored: each sender gets the error and its
-                    # client resends with the same client_id.
-                    logger.exception("chat: storing %d posts failed", len(batch))
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (request, future), outcome in zip(batch, outcomes, strict=True):
-                    if isinstance(outcome, PostResult) and not outcome.duplicate:
-                        try:
-                            await hub.publish(request.room.id, outcome.frame)
-                        except Exception:
-                            outcome = _unpublished(outcome.frame)
-                    if future.done():
-                        continue
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
-        finally:
-            self.running = None
-            if self.waiting:  # cancelled mid-batch: fail the rest rather than strand them
-                waiting, self.waiting = self.waiting, []
-                for _, future in waiting:
-                    if not future.done():
-                        future.set_exception(ChatError(ErrorCode.UNAVAILABLE, "retry shortly"))
+def _publish_order() -> asyncio.Lock:
+    """The running loop's lock for publishing posts (a lock belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    lock = _publish_locks.get(loop)
+    if lock is None:
+        lock = _publish_locks[loop] = asyncio.Lock()
+    return lock
 
 
 def _validate_body(body: str) -> None:
@@ -339,6 +322,9 @@ def message_post_many(requests: list[PostRequest]) -> list[PostResult | ChatErro
                 outcome = _message_insert(request, *outcome)
             outcomes.append(outcome)
     return outcomes
+
+
+_posts: Batcher[PostRequest, PostResult] = Batcher("post", message_post_many, limit=200)
 
 
 def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:

@@ -70,6 +70,12 @@ LAYER_ERRORS = Counter(
 )
 
 
+DB_BATCH_SIZE = Histogram(
+    "chat_db_batch_size",
+    "Requests served by one call on the database thread, by kind (profile, join, history, post).",
+    ["kind"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+)
 GC_PAUSE = Histogram(
     "chat_gc_pause_seconds",
     "Time the garbage collector held the event loop, by generation collected.",

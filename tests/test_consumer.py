@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.sessions.backends.db import SessionStore
+from prometheus_client import REGISTRY
 
 from chat.models import Message
 from esports_chat.asgi import application
@@ -355,27 +356,19 @@ async def test_leave_stops_deliveries(make_user: Any, room: Any) -> None:
 
 
 async def test_posts_arriving_together_are_stored_as_one_batch_in_order(
-    make_user: Any, room: Any, monkeypatch: pytest.MonkeyPatch
+    make_user: Any, room: Any
 ) -> None:
     """Posts that queue while the database thread is busy are stored in one transaction; each
     sender still gets its own ack, a refused post (too long) is refused alone, and every member
     sees the new messages once, in id order."""
-    from chat import services
-
     socks = []
     for name in ("alice", "bob", "carol", "dave"):
         _, token = await database_sync_to_async(make_user)(name)
         sock = await Sock.open(token=token)
         await sock.join("arena")
         socks.append(sock)
-    batches: list[int] = []
-    original = services.message_post_many
-
-    def recording(requests: list[services.PostRequest]) -> list[Any]:
-        batches.append(len(requests))
-        return original(requests)
-
-    monkeypatch.setattr(services, "message_post_many", recording)
+    batches_before = _sample("chat_db_batch_size_count", kind="post")
+    posts_before = _sample("chat_db_batch_size_sum", kind="post")
     for round_ in range(3):
         for index, sock in enumerate(socks):
             body = "x" * 501 if (round_, index) == (1, 2) else f"r{round_} s{index}"
@@ -392,7 +385,9 @@ async def test_posts_arriving_together_are_stored_as_one_batch_in_order(
     assert [(e["code"], e["ref"]) for e in refused] == [("too_long", "12")]
     acks = sorted(a["id"] for per_sock in answers for a in per_sock if a["type"] == "ack")
     assert len(acks) == 11
-    assert sum(batches) == 12 and len(batches) < 12, batches  # some posts shared a batch
+    batches = _sample("chat_db_batch_size_count", kind="post") - batches_before
+    assert _sample("chat_db_batch_size_sum", kind="post") - posts_before == 12
+    assert batches < 12, "posts that arrived together shared a batch"
     for sock in socks:
         seen = [(await sock.expect("message"))["id"] for _ in range(11)]
         assert seen == acks
@@ -401,4 +396,63 @@ async def test_posts_arriving_together_are_stored_as_one_batch_in_order(
     )()
     assert stored == acks
     for sock in socks:
+        await sock.close()
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_joins_arriving_together_share_their_reads_and_keep_their_answers(
+    make_user: Any, make_room: Any
+) -> None:
+    """Joins that queue while the database thread is busy are read as one batch: a member and
+    outsiders of a members-only room, a user banned from a public room and an unknown slug each
+    get their own answer, and the members of the public room all get the same history."""
+    alice, t_alice = await database_sync_to_async(make_user)("alice")
+    _, t_bob = await database_sync_to_async(make_user)("bob")
+    mallory, t_mallory = await database_sync_to_async(make_user)("mallory")
+
+    def setup() -> None:
+        from django.utils import timezone
+
+        from chat.models import Sanction
+
+        arena = make_room("arena")
+        make_room("team", is_public=False).members.add(alice)
+        Sanction.objects.create(
+            user=mallory, room=arena, kind="ban", reason="spam", created=timezone.now()
+        )
+        Message.objects.bulk_create(
+            Message(room=arena, author=alice, body=f"m{i}", created=timezone.now())
+            for i in range(5)
+        )
+
+    await database_sync_to_async(setup)()
+    socks = {
+        name: await Sock.open(token=token)
+        for name, token in (("alice", t_alice), ("bob", t_bob), ("mallory", t_mallory))
+    }
+    socks["visitor"] = await Sock.open()
+    batches_before = _sample("chat_db_batch_size_count", kind="join")
+    asks = [
+        ("alice", "team"), ("bob", "team"), ("visitor", "team"), ("mallory", "arena"),
+        ("alice", "arena"), ("bob", "arena"), ("visitor", "arena"), ("bob", "nowhere"),
+    ]  # fmt: skip
+    for name, room in asks:
+        await socks[name].send({"type": "join", "room": room})
+    answers = {}
+    for name, room in asks:
+        frame = await socks[name].gather_any("joined", "error")
+        answers[name, room] = frame["code"] if frame["type"] == "error" else frame["history"]
+    assert _sample("chat_db_batch_size_count", kind="join") - batches_before < len(asks)
+    assert answers["alice", "team"] == []
+    assert answers["bob", "team"] == "forbidden"
+    assert answers["visitor", "team"] == "auth_required"
+    assert answers["mallory", "arena"] == "banned"
+    assert answers["bob", "nowhere"] == "unknown_room"
+    histories = [answers[name, "arena"] for name in ("alice", "bob", "visitor")]
+    assert [m["body"] for m in histories[0]] == [f"m{i}" for i in range(5)]
+    assert histories[1] == histories[0] and histories[2] == histories[0]
+    for sock in socks.values():
         await sock.close()
