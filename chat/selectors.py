@@ -100,6 +100,18 @@ def rooms_by_slug(*, slugs: Collection[str]) -> dict[str, RoomInfo]:
     return {row[1]: RoomInfo(*row) for row in rows}
 
 
+def rooms_by_id(*, room_ids: Collection[int]) -> dict[int, RoomInfo]:
+    rows = Room.objects.filter(pk__in=room_ids).values_list(*_ROOM_FIELDS)
+    return {row[0]: RoomInfo(*row) for row in rows}
+
+
+def users_active(*, user_ids: Collection[int]) -> dict[int, Any]:
+    """The active users among these ids, by id."""
+    return {
+        user.pk: user for user in get_user_model().objects.filter(pk__in=user_ids, is_active=True)
+    }
+
+
 def room_members_among(*, room_id: int, user_ids: Collection[int]) -> set[int]:
     """Which of these users are members of the room."""
     through = Room.members.through.objects.filter(room_id=room_id, user_id__in=user_ids)

@@ -307,12 +307,7 @@ def message_post_many(requests: list[PostRequest]) -> list[PostResult | ChatErro
     outside the transaction, which holds the write lock only for the inserts. Nothing is
     published: the caller publishes each new message once this has returned (committed).
     """
-    checked: list[PostResult | ChatError | tuple[str, str]] = []
-    for request in requests:
-        try:
-            checked.append(_message_check(request))
-        except ChatError as exc:
-            checked.append(exc)
+    checked = _message_check_many(requests)
     if not any(isinstance(outcome, tuple) for outcome in checked):
         return [outcome for outcome in checked if not isinstance(outcome, tuple)]
     outcomes: list[PostResult | ChatError] = []
@@ -330,11 +325,49 @@ _posts: Batcher[PostRequest, PostResult] = Batcher("post", message_post_many, li
 def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:
     """The original of a resend, or (normalized body, author's username) of a post that may
     be stored; ChatError if it may not."""
+    (outcome,) = _message_check_many([request])
+    if isinstance(outcome, ChatError):
+        raise outcome
+    return outcome
+
+
+def _message_check_many(
+    requests: list[PostRequest],
+) -> list[PostResult | ChatError | tuple[str, str]]:
+    """_message_check for a batch, in a few queries per batch rather than per post: the rooms,
+    the authors, the resends and the sanctions are each read once for everyone."""
+    room_ids = {request.room.id for request in requests}
+    rooms = selectors.rooms_by_id(room_ids=room_ids)
+    authors = selectors.users_active(user_ids={request.user_id for request in requests})
+    by_room: dict[int, set[int]] = {}
+    for request in requests:
+        by_room.setdefault(request.room.id, set()).add(request.user_id)
+    sanctions = {
+        room_id: selectors.sanctions_active(user_ids=users, room_id=room_id)
+        for room_id, users in by_room.items()
+    }
+    originals = _messages_by_client_id(requests)
+    outcomes: list[PostResult | ChatError | tuple[str, str]] = []
+    for request in requests:
+        try:
+            outcomes.append(_check_one(request, rooms, authors, sanctions, originals))
+        except ChatError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _check_one(
+    request: PostRequest,
+    rooms: dict[int, RoomInfo],
+    authors: dict[int, Any],
+    sanctions: dict[int, dict[int, selectors.SanctionInfo]],
+    originals: dict[tuple[int, int, str], protocol.Frame],
+) -> PostResult | tuple[str, str]:
     room, user_id, client_id = request.room, request.user_id, request.client_id
     body = text_normalize(request.body)
     _validate_body(body)
     if client_id is not None:
-        original = _message_by_client_id(user_id=user_id, client_id=client_id, room=room)
+        original = originals.get((room.id, user_id, client_id))
         if original is not None:
             return PostResult(frame=original, duplicate=True)
     limits.check_post(
@@ -344,17 +377,17 @@ def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:
         moderator=request.moderator,
         slow_mode_seconds=request.slow_mode,
     )
-    current = selectors.room_get_by_id(room_id=room.id)
+    current = rooms.get(room.id)
     if current is None:
         raise ChatError(ErrorCode.UNKNOWN_ROOM, "this room no longer exists")
     if current.archived:
         raise ChatError(ErrorCode.ROOM_ARCHIVED, "this room is archived and read-only")
-    author = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    author = authors.get(user_id)
     if author is None:
         raise ChatError(ErrorCode.AUTH_REQUIRED, "this account cannot post")
     if current.read_only and not author.has_perm(MODERATE):
         raise ChatError(ErrorCode.READ_ONLY, "only moderators can post here right now")
-    sanction = selectors.sanction_active(user_id=user_id, room_id=room.id)
+    sanction = sanctions[room.id].get(user_id)
     if sanction is not None:
         raise banned_error(sanction, room=room.slug)
     return body, author.get_username()
@@ -395,6 +428,31 @@ def _unpublished(frame: protocol.Frame) -> ChatError:
         "message stored, but live delivery is down; members will get it on reconnect",
         id=frame["id"],
     )
+
+
+def _messages_by_client_id(
+    requests: list[PostRequest],
+) -> dict[tuple[int, int, str], protocol.Frame]:
+    """Stored messages that these posts would resend, by (room id, author id, client_id)."""
+    found: dict[tuple[int, int, str], protocol.Frame] = {}
+    wanted: dict[int, list[PostRequest]] = {}
+    for request in requests:
+        if request.client_id is not None:
+            wanted.setdefault(request.room.id, []).append(request)
+    for room_id, asked in wanted.items():
+        rows = Message.objects.filter(
+            room_id=room_id,
+            author_id__in={r.user_id for r in asked},
+            client_id__in={r.client_id for r in asked},
+        ).values_list("id", "author_id", "author__username", "body", "created", "client_id")
+        slug = asked[0].room.slug
+        for pk, author_id, username, body, created, client_id in rows:
+            if client_id is None:
+                continue
+            found[room_id, author_id, client_id] = protocol.message(
+                room=slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
+            )
+    return found
 
 
 def _message_by_client_id(*, user_id: int, client_id: str, room: RoomInfo) -> protocol.Frame | None:
