@@ -54,6 +54,11 @@ PROBE_TYPE = "chat.probe"
 CONTROL_GROUP = "chat.control"
 
 
+# A room's batching window is at least this many times as long as its last flush took, so
+# writing one room's events costs at most about 1/WINDOW_STRETCH of the loop.
+WINDOW_STRETCH = 3.0
+
+
 def room_group(room_id: int) -> str:
     return f"room.{room_id}"
 
@@ -253,9 +258,12 @@ class LocalRoom:
         "read_only",
         "slow_mode",
         "slug",
+        "window",
     )
 
-    def __init__(self, room_id: int, slug: str, *, slow_mode: int, read_only: bool) -> None:
+    def __init__(
+        self, room_id: int, slug: str, *, slow_mode: int, read_only: bool, window: float
+    ) -> None:
         self.id = room_id
         self.slug = slug
         # The room's posting rules as last announced; `room` events keep them current.
@@ -271,8 +279,10 @@ class LocalRoom:
         self.pending: list[Frame] = []
         self.pending_since = 0.0
         # The batching window is open until this monotonic time; an event arriving after it
-        # goes out at once.
+        # goes out at once. Its length stretches with what a flush to this room costs here
+        # (Hub._deliver), so that one huge room cannot take the whole loop.
         self.quiet_at = 0.0
+        self.window = window
         self.flush_handle: asyncio.TimerHandle | None = None
 
 
@@ -285,6 +295,7 @@ class Hub:
         self.connections: set[Connection] = set()
         self.rooms: dict[int, LocalRoom] = {}
         self.window = settings.CHAT_BATCH_WINDOW_MS / 1000
+        self.max_window = max(self.window, settings.CHAT_BATCH_WINDOW_MAX_MS / 1000)
         self.presence = Presence(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._kicks: set[asyncio.Task[None]] = set()
@@ -382,7 +393,7 @@ class Hub:
             room.slow_mode, room.read_only = slow_mode, read_only
         else:
             room = self.rooms[room_id] = LocalRoom(
-                room_id, slug, slow_mode=slow_mode, read_only=read_only
+                room_id, slug, slow_mode=slow_mode, read_only=read_only, window=self.window
             )
             metrics.ROOMS_LOCAL.set(len(self.rooms))
             if self.channel is not None:
@@ -504,8 +515,8 @@ class Hub:
         if now >= room.quiet_at:
             # A quiet room pays no batching delay: the first event goes out at once and opens
             # a window that collects whatever follows it.
-            room.quiet_at = now + self.window
             self._deliver(room, [frame], event["at"])
+            room.quiet_at = time.monotonic() + room.window
             return
         room.pending.append(frame)
         room.pending_since = event["at"]
@@ -517,11 +528,18 @@ class Hub:
             room.pending = []
             return
         frames, room.pending = room.pending, []
-        room.quiet_at = time.monotonic() + self.window
         self._deliver(room, frames, room.pending_since)
+        room.quiet_at = time.monotonic() + room.window
 
     def _deliver(self, room: LocalRoom, frames: list[Frame], accepted_at: float) -> None:
-        """Write one flush of room events to every local member. The hot loop."""
+        """Write one flush of room events to every local member. The hot loop.
+
+        Its own duration sets the room's next batching window: at least CHAT_BATCH_WINDOW_MS,
+        and WINDOW_STRETCH times what this flush took, up to CHAT_BATCH_WINDOW_MAX_MS. A room
+        whose flushes are cheap keeps the configured window; one with thousands of members
+        here gets fewer, larger frames per socket instead of a loop that does nothing else.
+        """
+        started = time.perf_counter()
         encoded = Encoded(frames[0] if len(frames) == 1 else protocol.batch(frames))
         for frame in frames:
             if frame["type"] == "message" and frame["id"] > room.last_id:
@@ -569,6 +587,9 @@ class Hub:
             metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - accepted_at))
         if shed:
             metrics.DROPPED.labels("typing_shed").inc(shed)
+        if self.window > 0:
+            stretched = WINDOW_STRETCH * (time.perf_counter() - started)
+            room.window = min(self.max_window, max(self.window, stretched))
 
     def deliver_local(self, room_id: int, frame: Frame) -> None:
         """Write a frame to this process's members of a room now (presence updates)."""

@@ -87,6 +87,35 @@ async def test_zero_window_disables_batching(settings: Any) -> None:
     assert socket.frames() == [chat(0), chat(1), chat(2)]
 
 
+async def test_a_room_whose_flush_is_slow_gets_a_longer_window(settings: Any) -> None:
+    """The window stretches to three times what the last flush took (up to the maximum): an
+    event that would have opened a new window in a cheap room waits in an expensive one."""
+    settings.CHAT_BATCH_WINDOW_MS, settings.CHAT_BATCH_WINDOW_MAX_MS = 20, 500
+    hub = await get_hub()
+    _, socket = await member(hub)
+    slow = Socket()
+
+    async def slow_send(event: dict[str, Any]) -> None:
+        time.sleep(0.05)  # a write that holds the loop, as thousands of them would
+        slow.events.append(event)
+
+    conn = Connection(slow_send, fmt=WireFormat.JSON, user_id=7, username="carol")
+    hub.register(conn)
+    await hub.join(conn, 1, "r")
+    hub.join_complete(conn, 1, 0)
+    hub._on_room_event(event(1, chat(1)))
+    room = hub.rooms[1]
+    assert 0.15 <= room.window <= 0.5
+    await asyncio.sleep(0.05)  # past the configured 20 ms, inside the stretched window
+    hub._on_room_event(event(1, chat(2)))
+    assert socket.frames() == [chat(1)], "held for the stretched window"
+    await asyncio.sleep(room.window + 0.05)
+    assert socket.frames() == [chat(1), chat(2)]
+    await asyncio.sleep(0.6)
+    settings.CHAT_BATCH_WINDOW_MAX_MS = 0
+    assert Hub(hub.layer).max_window == 0.02, "the maximum never undercuts the window"
+
+
 async def test_every_json_member_gets_the_same_encoded_event(hub: Hub) -> None:
     """Encode once per message per process: one event object shared by every socket."""
     sockets = [(await member(hub, user=f"u{i}"))[1] for i in range(20)]
