@@ -59,11 +59,10 @@ class Scenario:
     timeout: float = 600.0
 
 
-# The server's connect path (profile, permission and sanction queries, room lookup, history,
-# each database_sync_to_async call on a fresh SQLite connection, all on one thread) takes
-# ~20-25 ms per socket at the commits measured, so the load scenarios open their sockets at a
-# pace one process absorbs; the storm scenarios (e) measure the connect path itself.
-CONNECT_RATE = 25  # per server process
+# Connects and joins are batched on the database thread (chat.batching), so one process takes
+# a storm of 5,000 in 10 s (the e-storm scenarios measure it); the load scenarios open their
+# sockets at a pace well inside that, so the measured window starts with a settled server.
+CONNECT_RATE = 200  # per server process
 
 
 def _load(sockets: int, rooms: int, rate: float, *, processes: int = 1, duration: int = 20,
