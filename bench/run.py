@@ -42,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
 PYTHON = sys.executable
+# Scenarios on PostgreSQL create and drop a database of their own through this server.
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Scenario:
     processes: int = 1
     redis: bool = False
     app: str = "product"  # product | naive
+    database: str = "sqlite"  # sqlite | postgres (a throwaway database on BENCH_POSTGRES_URL)
     env: dict[str, str] = field(default_factory=dict)
     server_cpus: list[str | None] = field(default_factory=lambda: ["0"])
     generator_cpus: str | None = "1"
@@ -117,6 +120,17 @@ for _server in ("uvicorn", "daphne", "daphne-uvloop"):
             server=_server,
             processes=2,
             redis=True,
+            server_cpus=TWO_CORES,
+            generator_cpus=None,
+        ),
+        Scenario(
+            f"d-{_server}2-pg",
+            f"as d-{_server}2, on PostgreSQL (what several processes share in production)",
+            _load(5000, 500, 500, processes=2),
+            server=_server,
+            processes=2,
+            redis=True,
+            database="postgres",
             server_cpus=TWO_CORES,
             generator_cpus=None,
         ),
@@ -287,8 +301,21 @@ class Stack:
             "PYTHONPATH": str(src),
         }
         self.env.pop("REDIS_URL", None)
+        self.pg_name: str | None = None
+        if scenario.database == "postgres":
+            self.pg_name = f"chat_bench_{uuid.uuid4().hex[:12]}"
+            base = POSTGRES_URL.rsplit("/", 1)[0]
+            self.env["DATABASE_URL"] = f"{base}/{self.pg_name}"
+
+    def _postgres(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(statement)
 
     def start(self) -> None:
+        if self.pg_name is not None:
+            self._postgres(f"CREATE DATABASE {self.pg_name}")
         subprocess.run(
             [PYTHON, "manage.py", "migrate", "--no-input", "-v", "0"],
             cwd=self.src,
@@ -350,6 +377,9 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if self.pg_name is not None:
+            with contextlib.suppress(Exception):
+                self._postgres(f"DROP DATABASE IF EXISTS {self.pg_name} WITH (FORCE)")
 
 
 @contextlib.contextmanager
