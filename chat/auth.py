@@ -13,6 +13,7 @@ cookie alone never authenticates a socket that no browser same-origin check stoo
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -88,31 +89,32 @@ class SocketGate:
         self.inner = inner
         self.session_auth: Any = AuthMiddlewareStack(inner)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        # A plain function that returns the awaitable it chose, for the server to await: an
+        # open socket keeps no frame of the gate (nor the query it parsed) for its lifetime.
         if scope["type"] != "websocket":
-            return await self.inner(scope, receive, send)
+            return self.inner(scope, receive, send)
         origin = _header(scope, b"origin")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         token = query.get("token", [None])[0]
 
         if origin is not None and not origin_allowed(origin, _header(scope, b"host")):
-            return await _refuse(receive, send, "origin")
+            return _refuse(receive, send, "origin")
         if token is not None:
             identity = token_verify(token)
             if identity is None:
-                return await _accept_and_close(
+                return _accept_and_close(
                     scope,
                     receive,
                     send,
                     protocol.error(protocol.ErrorCode.AUTH_REQUIRED, "invalid or expired token"),
                     protocol.CloseCode.UNAUTHORIZED,
                 )
-            scope = {**scope, "chat_identity": identity}
-            return await self.inner(scope, receive, send)
+            return self.inner({**scope, "chat_identity": identity}, receive, send)
         if origin is None:
             # No browser vouched for this socket: a cookie must not be enough.
-            return await _refuse(receive, send, "no_origin_without_token")
-        return await self.session_auth(scope, receive, send)
+            return _refuse(receive, send, "no_origin_without_token")
+        return self.session_auth(scope, receive, send)
 
 
 async def _refuse(receive: Any, send: Any, reason: str) -> None:

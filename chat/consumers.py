@@ -37,9 +37,12 @@ class ChatConsumer(AsyncConsumer):
     conn: Connection | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self.scope = scope
+        # The scope is not kept: it is a copy per middleware that would live as long as the
+        # socket, and all the consumer needs of it is who is connecting and in which format.
+        self.subprotocols: list[str] = list(scope.get("subprotocols") or ())
         self.send_event: Send = send
         self.identity = self._identity(scope)
+        del scope
         self.rooms: dict[str, RoomInfo] = {}
         self.typing_at: dict[int, float] = {}
         self.moderator = False
@@ -81,7 +84,7 @@ class ChatConsumer(AsyncConsumer):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:
-        fmt, subprotocol = protocol.select_subprotocol(list(self.scope.get("subprotocols") or ()))
+        fmt, subprotocol = protocol.select_subprotocol(self.subprotocols)
         hub = current_hub()
         if hub is not None and hub.draining:
             # Refused before the handshake completes (HTTP 403), so a load balancer can pass
@@ -90,6 +93,7 @@ class ChatConsumer(AsyncConsumer):
             await self.send_event({"type": "websocket.close", "code": int(CloseCode.NORMAL)})
             return
         await self.send_event({"type": "websocket.accept", "subprotocol": subprotocol})
+        _release_handshake(self.send_event)
         try:
             self.hub = await get_hub()
         except Exception:
@@ -317,6 +321,32 @@ class ChatConsumer(AsyncConsumer):
         metrics.ERRORS_SENT.labels(code.value).inc()
         if self.conn is not None:
             self.conn.send_frame(protocol.error(code, detail, ref=ref, **extra))
+
+
+def _release_handshake(send: Any) -> None:
+    """Let go of the handshake that Uvicorn's websockets-sansio protocol keeps for a socket's
+    whole life: the parsed request and the 101 response, ~4.5 KB of headers per socket that
+    nothing reads once the handshake is complete (the scope has its own copy of the request
+    headers). The request's headers are emptied rather than dropped because the websockets
+    parser, a generator that lives as long as the socket, holds the request too.
+
+    This reaches into the server's protocol object, so it acts only on the protocol class and
+    state it was written against (tests/test_servers.py checks that it still applies to the
+    Uvicorn in requirements.txt); with any other server it does nothing.
+    """
+    server: Any = getattr(send, "__self__", None)
+    if type(server).__name__ != "WebSocketsSansIOProtocol":
+        return
+    if getattr(server, "handshake_complete", None) is not True:
+        return
+    request, response = getattr(server, "request", None), getattr(server, "response", None)
+    if request is None or response is None:
+        return
+    headers: Any = getattr(request, "headers", None)
+    if hasattr(headers, "clear"):
+        headers.clear()
+    server.request = server.response = None
+    metrics.HANDSHAKES_RELEASED.inc()
 
 
 def _socket_profiles(user_ids: list[int]) -> list[selectors.SocketProfile]:

@@ -115,8 +115,10 @@ class Connection:
         self.sent_bytes = 0
         self.acked_bytes = 0
         self.next_flow_ping = settings.CHAT_FLOW_PING_BYTES
-        self.pings: collections.deque[tuple[int, int]] = collections.deque()
-        self.backlog: collections.deque[dict[str, Any]] = collections.deque()
+        # Created on first use: most sockets never need them, and an empty deque costs ~760
+        # bytes (it allocates its first block with it).
+        self.pings: list[tuple[int, int]] | None = None  # (nonce, sent_bytes), oldest first
+        self.backlog: collections.deque[dict[str, Any]] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.closed = False
         # The code the server closed this socket with, if it did (the peer may never answer).
@@ -139,6 +141,8 @@ class Connection:
             return False
         self.sent_bytes += size
         if self.writer is not None:
+            if self.backlog is None:
+                self.backlog = collections.deque()
             self.backlog.append(event)
             return True
         coro = self._send(event)
@@ -160,6 +164,7 @@ class Connection:
             await _resume(coro, yielded)
             while self.backlog and not self.closed:
                 await self._send(self.backlog.popleft())
+            self.backlog = None
         except asyncio.CancelledError:
             coro.close()
             raise
@@ -181,18 +186,19 @@ class Connection:
     def ping(self) -> None:
         """Send an application ping whose pong confirms everything written before it."""
         nonce = random.getrandbits(31)
+        if self.pings is None:
+            self.pings = []
         self.pings.append((nonce, self.sent_bytes))
         self.next_flow_ping = self.sent_bytes + settings.CHAT_FLOW_PING_BYTES
         self.send_frame(protocol.ping(nonce))
 
     def pong(self, nonce: int | None) -> None:
         """Credit the client for a pong. Pongs are answered in order; unknown ones are ignored."""
-        if nonce is None:
+        if nonce is None or not self.pings:
             return
         for index, (sent_nonce, mark) in enumerate(self.pings):
             if sent_nonce == nonce:
-                for _ in range(index + 1):
-                    self.pings.popleft()
+                del self.pings[: index + 1]
                 self.acked_bytes = max(self.acked_bytes, mark)
                 self.last_pong = time.monotonic()
                 return
@@ -203,7 +209,7 @@ class Connection:
             return
         self.closed = True
         self.close_code = int(code)
-        self.backlog.clear()
+        self.backlog = None
         if self.writer is not None:
             self.writer.cancel()
             self.writer = None
@@ -420,6 +426,8 @@ class Hub:
         `history_last` is the id of the newest message in `joined.history`, if any: a room's
         recovery point starts there (never from a client's `since`, which may be anything)."""
         held = conn.joining.pop(room_id, None)
+        if not conn.joining:
+            conn.joining = {}  # an emptied dict keeps its grown table; a new one has none
         room = self.rooms.get(room_id)
         if room is not None and history_last is not None and history_last > room.last_id:
             room.last_id = history_last

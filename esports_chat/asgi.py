@@ -8,14 +8,14 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "esports_chat.settings")
 
-from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.routing import ProtocolTypeRouter
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 
 http_application = get_asgi_application()
 
 from chat.auth import SocketGate  # noqa: E402
-from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.routing import websocket_routes  # noqa: E402
 from monitoring import exporter  # noqa: E402
 
 exporter.start_from_settings()
@@ -29,6 +29,6 @@ if settings.DEBUG:
 application = ProtocolTypeRouter(
     {
         "http": http_application,
-        "websocket": SocketGate(URLRouter(websocket_urlpatterns)),  # type: ignore[arg-type]
+        "websocket": SocketGate(websocket_routes),
     }
 )

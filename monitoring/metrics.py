@@ -25,6 +25,11 @@ MEMORY_PER_SOCKET = Gauge(
 )
 
 CONNECTS = Counter("chat_connects_total", "Sockets accepted.")
+HANDSHAKES_RELEASED = Counter(
+    "chat_handshakes_released_total",
+    "Accepted sockets whose handshake request and response the server was made to let go of "
+    "(Uvicorn's websockets-sansio protocol keeps them otherwise).",
+)
 DISCONNECTS = Counter(
     "chat_disconnects_total", "Sockets closed, by WebSocket close code.", ["code"]
 )

@@ -456,3 +456,11 @@ async def test_joins_arriving_together_share_their_reads_and_keep_their_answers(
     assert histories[1] == histories[0] and histories[2] == histories[0]
     for sock in socks.values():
         await sock.close()
+
+
+async def test_an_unknown_socket_path_is_refused_at_the_handshake() -> None:
+    """Only /ws/chat/ takes sockets; any other path gets the handshake refused (HTTP 403)."""
+    communicator = WebsocketCommunicator(application, "/ws/other/", headers=ORIGIN)
+    connected, _ = await communicator.connect()
+    assert connected is False
+    await communicator.disconnect()

@@ -96,7 +96,7 @@ async def test_a_room_whose_flush_is_slow_gets_a_longer_window(settings: Any) ->
     slow = Socket()
 
     async def slow_send(event: dict[str, Any]) -> None:
-        time.sleep(0.05)  # a write that holds the loop, as thousands of them would
+        time.sleep(0.05)  # noqa: ASYNC251  (a write that holds the loop, as thousands would)
         slow.events.append(event)
 
     conn = Connection(slow_send, fmt=WireFormat.JSON, user_id=7, username="carol")

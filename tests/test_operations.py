@@ -124,3 +124,25 @@ async def test_sigterm_drains_sockets_with_a_reconnect_hint_and_exits(
     assert max(closed_at) - min(closed_at) > 0.3, "closes are spread, not all at once"
     await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 15)
     assert time.monotonic() - started < 10
+
+
+async def test_uvicorn_lets_go_of_each_handshake_and_keeps_working(
+    servers: Any, make_user: Any, make_room: Any
+) -> None:
+    """The handshake release (chat.consumers._release_handshake) reaches into Uvicorn's
+    websockets-sansio protocol; with the Uvicorn this project pins it must still apply to
+    every socket, and the sockets must work on (chat, pings, a clean close) without it."""
+    make_room("final")
+    (_, t1), (_, t2) = make_user("a"), make_user("b")
+    port = free_port()
+    server = servers("uvicorn", CHAT_METRICS_PORT=str(port))
+    a = await Client.connect(server.url, token=t1)
+    b = await Client.connect(server.url, token=t2, fmt="msgpack")
+    await a.join("final")
+    await b.join("final")
+    await a.post("final", "still here", client_id="m1")
+    assert [m["body"] for m in await b.messages(1)] == ["still here"]
+    _, text = await _fetch(f"http://127.0.0.1:{port}/metrics")
+    assert "chat_handshakes_released_total 2.0" in text
+    await a.close()
+    await b.close()
