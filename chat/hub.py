@@ -56,7 +56,7 @@ CONTROL_GROUP = "chat.control"
 
 # A room's batching window is at least this many times as long as its last flush took, so
 # writing one room's events costs at most about 1/WINDOW_STRETCH of the loop.
-WINDOW_STRETCH = 3.0
+WINDOW_STRETCH = 2.0
 
 
 def room_group(room_id: int) -> str:

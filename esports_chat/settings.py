@@ -248,7 +248,7 @@ CHAT_MAX_ROOMS_PER_SOCKET = _env_int("CHAT_MAX_ROOMS_PER_SOCKET", 20, minimum=1)
 
 # Fan-out: events for a room inside this window leave as one batch frame (0 disables).
 CHAT_BATCH_WINDOW_MS = _env_int("CHAT_BATCH_WINDOW_MS", 50, minimum=0, maximum=1000)
-# A room whose flushes take long here (thousands of local members) gets a window three times
+# A room whose flushes take long here (thousands of local members) gets a window twice
 # as long as its last flush took, up to this (docs/protocol.md, "Batching").
 CHAT_BATCH_WINDOW_MAX_MS = _env_int("CHAT_BATCH_WINDOW_MAX_MS", 200, minimum=0, maximum=5000)
 # Outbound flow control per socket, in bytes written but not yet confirmed by a pong.
