@@ -202,17 +202,34 @@ def sanction_active(*, user_id: int, room_id: int | None) -> SanctionInfo | None
 
 def sanctions_active(*, user_ids: Collection[int], room_id: int) -> dict[int, SanctionInfo]:
     """sanction_active for several users of one room in one query; users with none are absent."""
+    found = sanctions_active_in(pairs=[(user_id, room_id) for user_id in user_ids])
+    return {user_id: sanction for (user_id, _), sanction in found.items()}
+
+
+def sanctions_active_in(
+    *, pairs: Collection[tuple[int, int]]
+) -> dict[tuple[int, int], SanctionInfo]:
+    """sanction_active for several (user id, room id) in one query; pairs with none are absent."""
     now = timezone.now()
-    found: dict[int, list[tuple[Any, ...]]] = {}
+    user_ids = {user_id for user_id, _ in pairs}
+    room_ids = {room_id for _, room_id in pairs}
+    rows: dict[int, list[tuple[Any, ...]]] = {}
     for user_id, *row in (
         Sanction.objects.filter(
-            Q(room__isnull=True) | Q(room_id=room_id), user_id__in=user_ids, lifted_at__isnull=True
+            Q(room__isnull=True) | Q(room_id__in=room_ids),
+            user_id__in=user_ids,
+            lifted_at__isnull=True,
         )
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
         .values_list("user_id", "kind", "room_id", "expires_at", "reason")
     ):
-        found.setdefault(user_id, []).append(tuple(row))
-    return {user_id: _longest(rows, now) for user_id, rows in found.items()}
+        rows.setdefault(user_id, []).append(tuple(row))
+    found = {}
+    for user_id, room_id in pairs:
+        applicable = [row for row in rows.get(user_id, ()) if row[1] in (None, room_id)]
+        if applicable:
+            found[user_id, room_id] = _longest(applicable, now)
+    return found
 
 
 def _longest(rows: list[tuple[Any, ...]], now: datetime) -> SanctionInfo:

@@ -339,13 +339,9 @@ def _message_check_many(
     room_ids = {request.room.id for request in requests}
     rooms = selectors.rooms_by_id(room_ids=room_ids)
     authors = selectors.users_active(user_ids={request.user_id for request in requests})
-    by_room: dict[int, set[int]] = {}
-    for request in requests:
-        by_room.setdefault(request.room.id, set()).add(request.user_id)
-    sanctions = {
-        room_id: selectors.sanctions_active(user_ids=users, room_id=room_id)
-        for room_id, users in by_room.items()
-    }
+    sanctions = selectors.sanctions_active_in(
+        pairs={(request.user_id, request.room.id) for request in requests}
+    )
     originals = _messages_by_client_id(requests)
     outcomes: list[PostResult | ChatError | tuple[str, str]] = []
     for request in requests:
@@ -360,7 +356,7 @@ def _check_one(
     request: PostRequest,
     rooms: dict[int, RoomInfo],
     authors: dict[int, Any],
-    sanctions: dict[int, dict[int, selectors.SanctionInfo]],
+    sanctions: dict[tuple[int, int], selectors.SanctionInfo],
     originals: dict[tuple[int, int, str], protocol.Frame],
 ) -> PostResult | tuple[str, str]:
     room, user_id, client_id = request.room, request.user_id, request.client_id
@@ -387,7 +383,7 @@ def _check_one(
         raise ChatError(ErrorCode.AUTH_REQUIRED, "this account cannot post")
     if current.read_only and not author.has_perm(MODERATE):
         raise ChatError(ErrorCode.READ_ONLY, "only moderators can post here right now")
-    sanction = sanctions[room.id].get(user_id)
+    sanction = sanctions.get((user_id, room.id))
     if sanction is not None:
         raise banned_error(sanction, room=room.slug)
     return body, author.get_username()
@@ -433,22 +429,24 @@ def _unpublished(frame: protocol.Frame) -> ChatError:
 def _messages_by_client_id(
     requests: list[PostRequest],
 ) -> dict[tuple[int, int, str], protocol.Frame]:
-    """Stored messages that these posts would resend, by (room id, author id, client_id)."""
+    """Stored messages that these posts would resend, by (room id, author id, client_id), in
+    one query for the whole batch."""
+    asked = {
+        (r.room.id, r.user_id, r.client_id): r.room.slug
+        for r in requests
+        if r.client_id is not None
+    }
+    if not asked:
+        return {}
+    rows = Message.objects.filter(
+        room_id__in={room_id for room_id, _, _ in asked},
+        author_id__in={user_id for _, user_id, _ in asked},
+        client_id__in={client_id for _, _, client_id in asked},
+    ).values_list("id", "room_id", "author_id", "author__username", "body", "created", "client_id")
     found: dict[tuple[int, int, str], protocol.Frame] = {}
-    wanted: dict[int, list[PostRequest]] = {}
-    for request in requests:
-        if request.client_id is not None:
-            wanted.setdefault(request.room.id, []).append(request)
-    for room_id, asked in wanted.items():
-        rows = Message.objects.filter(
-            room_id=room_id,
-            author_id__in={r.user_id for r in asked},
-            client_id__in={r.client_id for r in asked},
-        ).values_list("id", "author_id", "author__username", "body", "created", "client_id")
-        slug = asked[0].room.slug
-        for pk, author_id, username, body, created, client_id in rows:
-            if client_id is None:
-                continue
+    for pk, room_id, author_id, username, body, created, client_id in rows:
+        slug = asked.get((room_id, author_id, client_id or ""))
+        if slug is not None and client_id:  # the sets also match triples nobody asked for
             found[room_id, author_id, client_id] = protocol.message(
                 room=slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
             )

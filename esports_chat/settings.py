@@ -130,7 +130,16 @@ TEMPLATES = [
 # --- Database --------------------------------------------------------------------------------
 
 DATABASE_URL = _env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}")
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+# Each process runs its database work on one thread (Channels' and Django's thread-sensitive
+# executor), so a connection kept open is one per process, not one per request; opening one
+# per call costs a TCP connect and authentication on PostgreSQL every time. 0 closes it after
+# every call; health checks replace a connection the database dropped meanwhile.
+DATABASE_CONN_MAX_AGE = _env_int("DATABASE_CONN_MAX_AGE", 300, minimum=0)
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=DATABASE_CONN_MAX_AGE, conn_health_checks=True
+    )
+}
 # django-prometheus's wrappers of the same engines count queries and errors per process.
 _INSTRUMENTED = {
     "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",

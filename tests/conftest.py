@@ -12,13 +12,19 @@ from typing import Any
 import pytest
 from channels.layers import channel_layers
 from django.contrib.auth.hashers import make_password
-from django.db import connection
+from django.db import connection, connections
 
 from chat import hub as hub_module
 from chat import limits, redis_clients
 from chat.auth import token_issue
 from chat.models import Room
 from tests.support import RedisServer, ServerProcess
+
+# The test process must not keep database connections in its worker threads: the test
+# database is dropped at the end of the session, which PostgreSQL refuses while any session is
+# still connected. (Server processes started by tests keep the production default; they exit
+# before the drop.)
+connections.settings["default"]["CONN_MAX_AGE"] = 0
 
 IN_MEMORY_LAYERS = {
     "default": {
