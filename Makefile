@@ -27,7 +27,7 @@ migrate: $(VENV)/.runtime
 run: migrate
 	$(BIN)/python manage.py seed_chat --demo
 	@echo "chat: http://$(HOST):$(PORT)/  admin: http://$(HOST):$(PORT)/admin/"
-	$(BIN)/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=4096 \
+	$(BIN)/python -m esports_chat.daphne_uvloop -e tcp:port=$(PORT):interface=$(HOST):backlog=4096 \
 		--websocket-max-message-size 262144 esports_chat.asgi:application
 
 ## The whole suite. Tests needing Redis start a throwaway redis-server (or use REDIS_URL).

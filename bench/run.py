@@ -236,6 +236,19 @@ for _app in ("naive", "product"):
             app=_app,
         ),
     ]
+# (hh): the same pair at the load the fan-out issue measured the tutorial shape with (1,000
+# sockets in one room at 10 msg/s), where the baseline no longer keeps up.
+for _app in ("naive", "product"):
+    SCENARIOS += [
+        Scenario(
+            f"hh-{_app}-{_server}",
+            f"{_app}: 1,000 sockets, 1 room, 10 msg/s, 1 {_server.title()}, in-memory layer",
+            _load(1000, 1, 10),
+            server=_server,
+            app=_app,
+        )
+        for _server in ("daphne", "uvicorn")
+    ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
@@ -621,6 +634,43 @@ def print_table(path: Path, names: list[str]) -> None:
         print(f"| {name} | {row['runs']} | " + " | ".join(cells) + f" | {others} |")
 
 
+def print_fit(path: Path, prefix: str) -> None:
+    """Split the server CPU of the runs named `prefix*` into a cost per message and a cost per
+    delivery (least squares over cpu = a * messages + b * deliveries), and show each run's CPU
+    per delivery next to the per-delivery part alone.
+
+    A room-size curve at a fixed delivery rate varies the messages per delivery 500-fold: a
+    room of 10 posts 50 times as often per delivery as a room of 500. Whatever a post costs
+    (validation, limits, the insert) is paid per message; the fan-out is what has to stay flat.
+    """
+    runs = []
+    for record in load_results(path):
+        result = record.get("result") or {}
+        server = result.get("server") or {}
+        per_delivery = server.get("cpu_us_per_delivery_net") or server.get("cpu_us_per_delivery")
+        if not record["scenario"].startswith(prefix) or not per_delivery:
+            continue
+        delivered, messages = result["delivered"], result["acked"]
+        runs.append((record["scenario"], messages, delivered, per_delivery * delivered))
+    if len(runs) < 2:
+        print(f"need two or more runs of {prefix}*, found {len(runs)}")
+        return
+    # Normal equations of the two-parameter fit, no intercept.
+    mm = sum(m * m for _, m, _, _ in runs)
+    md = sum(m * d for _, m, d, _ in runs)
+    dd = sum(d * d for _, _, d, _ in runs)
+    mc = sum(m * c for _, m, _, c in runs)
+    dc = sum(d * c for _, _, d, c in runs)
+    det = mm * dd - md * md
+    a, b = (mc * dd - dc * md) / det, (dc * mm - mc * md) / det
+    print(f"per message: {a:,.0f} us   per delivery: {b:,.1f} us\n")
+    print("| run | messages | deliveries | us/delivery (all) | us/delivery (fan-out part) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, m, d, cpu in sorted(runs, key=lambda r: r[2] / max(r[1], 1)):
+        fanout = (cpu - a * m) / d
+        print(f"| {name} | {m} | {d} | {cpu / d:,.1f} | {fanout:,.1f} |")
+
+
 def machine() -> dict[str, Any]:
     model = "?"
     with contextlib.suppress(OSError):
@@ -675,6 +725,9 @@ def main() -> None:
     table = sub.add_parser("table")
     table.add_argument("scenarios", nargs="*")
     table.add_argument("--results", type=Path, default=OUT / "results.jsonl")
+    fit = sub.add_parser("fit", help="split CPU into per-message and per-delivery parts")
+    fit.add_argument("prefix", nargs="?", default="g-size-")
+    fit.add_argument("--results", type=Path, default=OUT / "results.jsonl")
     sub.add_parser("machine")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so every server, Redis and load test started gets stopped.
@@ -687,6 +740,8 @@ def main() -> None:
         print(json.dumps(machine(), indent=2))
     elif args.cmd == "table":
         print_table(args.results, args.scenarios)
+    elif args.cmd == "fit":
+        print_fit(args.results, args.prefix)
     else:
         chosen = [s for s in SCENARIOS if any(s.name.startswith(n) for n in args.scenarios)]
         if not chosen:

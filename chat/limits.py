@@ -6,9 +6,8 @@ is a ChatError carrying `retry_after_ms`. If Redis fails to answer, posting is a
 (and counted in chat_layer_errors_total): the post itself then meets the same outage.
 
 - rate: at most CHAT_RATE_MESSAGES per CHAT_RATE_WINDOW_SECONDS per user, sliding window
-  (CHAT_RATE_MESSAGES_MODERATOR for moderators). A Redis sorted set of post times per user:
-  a post adds itself, counts, and takes itself back out when over the limit, so concurrent
-  posts on several processes can only ever be refused together, never admitted together.
+  (CHAT_RATE_MESSAGES_MODERATOR for moderators). A Redis sorted set of post times per user,
+  checked and added to by one script, so posts on several processes are counted atomically.
 - slow mode: one post per room's slow_mode_seconds per user (moderators exempt).
 - repeat: the same text again in the same room within CHAT_REPEAT_WINDOW_SECONDS.
 
@@ -24,6 +23,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -45,81 +45,133 @@ def _digest(body: str) -> str:
     return hashlib.blake2b(body.casefold().encode(), digest_size=12).hexdigest()
 
 
-def check_post(
-    *, user_id: int, room_id: int, body: str, moderator: bool, slow_mode_seconds: int
-) -> None:
-    """Raise ChatError if this post breaks a limit; otherwise record it against them.
+@dataclass(frozen=True, slots=True)
+class Post:
+    """What the limits need to know about one post."""
 
-    Synchronous: it runs in the posting thread, next to the database work, with Redis
-    socket timeouts of CHAT_REDIS_TIMEOUT.
+    user_id: int
+    room_id: int
+    body: str
+    moderator: bool
+    slow_mode_seconds: int
+
+
+def check_posts(posts: list[Post]) -> list[ChatError | None]:
+    """For each post, in order: the ChatError of the limit it breaks, or None once it has
+    been recorded against the limits.
+
+    Synchronous: it runs in the posting thread, next to the database work. With Redis, the
+    whole batch is one round trip (one script call per post, pipelined), with socket
+    timeouts of CHAT_REDIS_TIMEOUT.
     """
     if redis_clients.configured() and not redis_clients.is_down():
         try:
-            _check_redis(
-                user_id=user_id,
-                room_id=room_id,
-                body=body,
-                moderator=moderator,
-                slow_mode_seconds=slow_mode_seconds,
-            )
-        except ChatError:
-            raise
+            return _check_redis(posts)
         except Exception:
             metrics.LAYER_ERRORS.labels("limits").inc()
-            logger.warning("limits: Redis did not answer; allowing the post", exc_info=True)
-        return
-    _local.check(
-        user_id=user_id,
-        room_id=room_id,
-        body=body,
-        moderator=moderator,
-        slow_mode_seconds=slow_mode_seconds,
-    )
+            logger.warning("limits: Redis did not answer; allowing the posts", exc_info=True)
+            return [None] * len(posts)
+    refusals: list[ChatError | None] = []
+    for post in posts:
+        try:
+            _local.check(post)
+            refusals.append(None)
+        except ChatError as exc:
+            refusals.append(exc)
+    return refusals
 
 
 def _rate_limit(moderator: bool) -> int:
     return settings.CHAT_RATE_MESSAGES_MODERATOR if moderator else settings.CHAT_RATE_MESSAGES
 
 
-def _check_redis(
-    *, user_id: int, room_id: int, body: str, moderator: bool, slow_mode_seconds: int
-) -> None:
+# The three limits of one post, atomically, in one call. Returns {0, 0} when the post may go
+# (and is then counted), else {limit, retry after in ms}: 1 slow mode, 2 repeated, 3 rate.
+# A refused post is not counted against the rate; the slow-mode mark, once set, stays.
+_LIMITS_SCRIPT = """
+local slow_ms = tonumber(ARGV[1])
+if slow_ms > 0 and not redis.call('SET', KEYS[1], 1, 'NX', 'PX', slow_ms) then
+  return {1, redis.call('PTTL', KEYS[1])}
+end
+local repeat_ms = tonumber(ARGV[2])
+if repeat_ms > 0 then
+  local previous = redis.call('SET', KEYS[2], ARGV[3], 'PX', repeat_ms, 'GET')
+  if previous == ARGV[3] then
+    return {2, repeat_ms}
+  end
+end
+local now, window, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+if redis.call('ZCARD', KEYS[3]) >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  return {3, math.ceil((tonumber(oldest[2]) + window - now) * 1000)}
+end
+redis.call('ZADD', KEYS[3], now, ARGV[7])
+redis.call('EXPIRE', KEYS[3], window + 1)
+return {0, 0}
+"""
+
+
+def _check_redis(posts: list[Post]) -> list[ChatError | None]:
     redis: Any = redis_clients.shared_sync_client()
+    script = _script(redis)
     prefix = settings.CHAT_LAYER_PREFIX
-    if slow_mode_seconds > 0 and not moderator:
-        key = f"{prefix}:slow:{room_id}:{user_id}"
-        if not redis.set(key, 1, nx=True, px=slow_mode_seconds * 1000):
-            remaining = redis.pttl(key)
-            raise _refuse(
-                ErrorCode.SLOW_MODE,
-                f"slow mode: one message every {slow_mode_seconds} s",
-                max(remaining, 1) / 1000,
-            )
-    repeat_window = settings.CHAT_REPEAT_WINDOW_SECONDS
-    if repeat_window > 0 and not moderator:
-        key = f"{prefix}:repeat:{room_id}:{user_id}"
-        digest = _digest(body)
-        previous = redis.set(key, digest, px=repeat_window * 1000, get=True)
-        if previous is not None and previous.decode() == digest:
-            raise _refuse(
-                ErrorCode.REPEATED, "you just said that; say something new", repeat_window
-            )
     window = settings.CHAT_RATE_WINDOW_SECONDS
-    limit = _rate_limit(moderator)
-    key = f"{prefix}:rate:{user_id}"
+    repeat_ms = settings.CHAT_REPEAT_WINDOW_SECONDS * 1000
     now = time.time()
-    member = uuid.uuid4().hex
-    with redis.pipeline(transaction=True) as pipe:
-        pipe.zremrangebyscore(key, "-inf", now - window)
-        pipe.zadd(key, {member: now})
-        pipe.zcard(key)
-        pipe.zrange(key, 0, 0, withscores=True)
-        pipe.expire(key, window + 1)
-        _, _, count, oldest, _ = pipe.execute()
-    if count > limit:
-        redis.zrem(key, member)
-        retry = (oldest[0][1] + window - now) if oldest else window
-        raise _refuse(ErrorCode.RATE_LIMITED, f"at most {limit} messages every {window} s", retry)
+    with redis.pipeline(transaction=False) as pipe:
+        for post in posts:
+            keys = [
+                f"{prefix}:slow:{post.room_id}:{post.user_id}",
+                f"{prefix}:repeat:{post.room_id}:{post.user_id}",
+                f"{prefix}:rate:{post.user_id}",
+            ]
+            exempt = post.moderator
+            arguments = [
+                0 if exempt else post.slow_mode_seconds * 1000,
+                0 if exempt else repeat_ms,
+                _digest(post.body),
+                repr(now),
+                window,
+                _rate_limit(post.moderator),
+                uuid.uuid4().hex,
+            ]
+            script(keys=keys, args=arguments, client=pipe)
+        answers = pipe.execute()
+    refusals: list[ChatError | None] = []
+    for post, (kind, retry_ms) in zip(posts, answers, strict=True):
+        retry = max(int(retry_ms), 1) / 1000
+        if kind == 1:
+            refusals.append(
+                _refuse(
+                    ErrorCode.SLOW_MODE,
+                    f"slow mode: one message every {post.slow_mode_seconds} s",
+                    retry,
+                )
+            )
+        elif kind == 2:
+            refusals.append(
+                _refuse(ErrorCode.REPEATED, "you just said that; say something new", retry)
+            )
+        elif kind == 3:
+            limit = _rate_limit(post.moderator)
+            refusals.append(
+                _refuse(ErrorCode.RATE_LIMITED, f"at most {limit} messages every {window} s", retry)
+            )
+        else:
+            refusals.append(None)
+    return refusals
+
+
+_scripts: dict[int, Any] = {}
+
+
+def _script(redis: Any) -> Any:
+    """The limits script registered with this client (redis-py loads it on first use)."""
+    script = _scripts.get(id(redis))
+    if script is None:
+        script = _scripts[id(redis)] = redis.register_script(_LIMITS_SCRIPT)
+    return script
 
 
 class _LocalLimits:
@@ -130,9 +182,9 @@ class _LocalLimits:
         self.slow_until: dict[tuple[int, int], float] = {}
         self.last_body: dict[tuple[int, int], tuple[str, float]] = {}
 
-    def check(
-        self, *, user_id: int, room_id: int, body: str, moderator: bool, slow_mode_seconds: int
-    ) -> None:
+    def check(self, post: Post) -> None:
+        user_id, room_id, body = post.user_id, post.room_id, post.body
+        moderator, slow_mode_seconds = post.moderator, post.slow_mode_seconds
         now = time.monotonic()
         self._sweep(now)
         where = (room_id, user_id)

@@ -211,15 +211,28 @@ async def message_submit(
         slow_mode=slow_mode,
     )
     result = await _posts.submit(request)
-    if not result.duplicate:
+    if not result.duplicate or _recent(result.frame):
         # Batches come back from the database thread in commit order and their callers
         # resume in that order; the lock keeps them in it on their way to Redis.
+        #
+        # A resend of a message stored moments ago is published again: the first publish
+        # may never have happened (the process that stored it was killed in between), and
+        # nothing else would ever deliver it to members already past its id. Members drop
+        # the second copy by id, as docs/protocol.md asks of every client.
         async with _publish_order():
             try:
                 await hub.publish(room.id, result.frame)
             except Exception:
                 raise _unpublished(result.frame) from None
     return result
+
+
+# A resend answered as a duplicate is published again if its original is at most this old.
+REPUBLISH_WITHIN_MS = 60_000
+
+
+def _recent(frame: protocol.Frame) -> bool:
+    return bool(to_ms(timezone.now()) - frame["ts"] <= REPUBLISH_WITHIN_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,44 +348,65 @@ def _message_check_many(
     requests: list[PostRequest],
 ) -> list[PostResult | ChatError | tuple[str, str]]:
     """_message_check for a batch, in a few queries per batch rather than per post: the rooms,
-    the authors, the resends and the sanctions are each read once for everyone."""
-    room_ids = {request.room.id for request in requests}
-    rooms = selectors.rooms_by_id(room_ids=room_ids)
-    authors = selectors.users_active(user_ids={request.user_id for request in requests})
-    sanctions = selectors.sanctions_active_in(
-        pairs={(request.user_id, request.room.id) for request in requests}
-    )
+    the authors, the resends and the sanctions are each read once for everyone, and the abuse
+    limits of every post are one Redis round trip."""
     originals = _messages_by_client_id(requests)
-    outcomes: list[PostResult | ChatError | tuple[str, str]] = []
-    for request in requests:
+    decided: dict[int, PostResult | ChatError | tuple[str, str]] = {}
+    bodies: dict[int, str] = {}  # index -> normalized body, of the posts the limits count
+    for index, request in enumerate(requests):
+        body = text_normalize(request.body)
         try:
-            outcomes.append(_check_one(request, rooms, authors, sanctions, originals))
+            _validate_body(body)
         except ChatError as exc:
-            outcomes.append(exc)
-    return outcomes
+            decided[index] = exc
+            continue
+        if request.client_id is not None:
+            original = originals.get((request.room.id, request.user_id, request.client_id))
+            if original is not None:
+                decided[index] = PostResult(frame=original, duplicate=True)
+                continue
+        bodies[index] = body
+    counted = list(bodies)
+    posts = [
+        limits.Post(
+            user_id=requests[index].user_id,
+            room_id=requests[index].room.id,
+            body=bodies[index],
+            moderator=requests[index].moderator,
+            slow_mode_seconds=requests[index].slow_mode,
+        )
+        for index in counted
+    ]
+    admitted = []
+    for index, refusal in zip(counted, limits.check_posts(posts) if posts else [], strict=True):
+        if refusal is not None:
+            decided[index] = refusal
+        else:
+            admitted.append(index)
+    if admitted:
+        wanted = [requests[index] for index in admitted]
+        rooms = selectors.rooms_by_id(room_ids={request.room.id for request in wanted})
+        authors = selectors.users_active(user_ids={request.user_id for request in wanted})
+        sanctions = selectors.sanctions_active_in(
+            pairs={(request.user_id, request.room.id) for request in wanted}
+        )
+        for index in admitted:
+            try:
+                username = _current_author(requests[index], rooms, authors, sanctions)
+                decided[index] = (bodies[index], username)
+            except ChatError as exc:
+                decided[index] = exc
+    return [decided[index] for index in range(len(requests))]
 
 
-def _check_one(
+def _current_author(
     request: PostRequest,
     rooms: dict[int, RoomInfo],
     authors: dict[int, Any],
     sanctions: dict[tuple[int, int], selectors.SanctionInfo],
-    originals: dict[tuple[int, int, str], protocol.Frame],
-) -> PostResult | tuple[str, str]:
-    room, user_id, client_id = request.room, request.user_id, request.client_id
-    body = text_normalize(request.body)
-    _validate_body(body)
-    if client_id is not None:
-        original = originals.get((room.id, user_id, client_id))
-        if original is not None:
-            return PostResult(frame=original, duplicate=True)
-    limits.check_post(
-        user_id=user_id,
-        room_id=room.id,
-        body=body,
-        moderator=request.moderator,
-        slow_mode_seconds=request.slow_mode,
-    )
+) -> str:
+    """The author's username if the room still takes this post from them, else ChatError."""
+    room, user_id = request.room, request.user_id
     current = rooms.get(room.id)
     if current is None:
         raise ChatError(ErrorCode.UNKNOWN_ROOM, "this room no longer exists")
@@ -386,7 +420,7 @@ def _check_one(
     sanction = sanctions.get((user_id, room.id))
     if sanction is not None:
         raise banned_error(sanction, room=room.slug)
-    return body, author.get_username()
+    return str(author.get_username())
 
 
 def _message_insert(request: PostRequest, body: str, username: str) -> PostResult:

@@ -7,8 +7,9 @@ set -e
 
 case "$1" in
     daphne)
+        # Daphne on uvloop (esports_chat/daphne_uvloop.py), same arguments as daphne.
         shift
-        exec daphne "$@"
+        exec python -m esports_chat.daphne_uvloop "$@"
         ;;
     manage.py | manage)
         shift

@@ -128,7 +128,7 @@ class ServerProcess:
         return [
             sys.executable,
             "-m",
-            "daphne",
+            "esports_chat.daphne_uvloop",  # Daphne as deployed: on uvloop
             "-e",
             f"tcp:port={self.port}:interface=127.0.0.1:backlog=4096",
             "--websocket-max-message-size",

@@ -116,18 +116,49 @@ async def test_json_and_msgpack_clients_share_a_room(make_user: Any, room: Any) 
 async def test_resent_client_id_gets_the_original_ack_and_no_second_post(
     make_user: Any, room: Any
 ) -> None:
-    """The outbox can resend safely: the server deduplicates by user and client_id."""
+    """The outbox can resend safely: the server deduplicates by user and client_id, and
+    broadcasts a recent original again (same id) in case its first broadcast never happened."""
     _, token = await database_sync_to_async(make_user)("alice")
     sock = await Sock.open(token=token)
     await sock.join("arena")
     frame = {"type": "message", "room": "arena", "body": "once", "client_id": "k1"}
     await sock.send(frame)
-    first = (await sock.gather("ack", "message"))["ack"]
+    got = await sock.gather("ack", "message")
+    first, broadcast = got["ack"], got["message"]
     await sock.send(frame)
-    second = await sock.expect("ack")
-    assert second["id"] == first["id"] and second["duplicate"] is True
+    again = await sock.gather("ack", "message")
+    assert again["ack"]["id"] == first["id"] and again["ack"]["duplicate"] is True
+    assert again["message"] == broadcast, "the same message, same id: clients drop it by id"
     assert await sock.nothing()
     assert await database_sync_to_async(Message.objects.filter(client_id="k1").count)() == 1
+    await sock.close()
+
+
+async def test_a_resend_of_an_old_message_is_not_broadcast_again(make_user: Any, room: Any) -> None:
+    """Past a minute the original's broadcast certainly happened or failed (and was then
+    recovered by resync): the resend only gets its duplicate ack."""
+    user, token = await database_sync_to_async(make_user)("alice")
+
+    def store_old() -> None:
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        Message.objects.create(
+            room=room,
+            author=user,
+            body="long ago",
+            client_id="k2",
+            created=timezone.now() - timedelta(minutes=2),
+        )
+
+    await database_sync_to_async(store_old)()
+    sock = await Sock.open(token=token)
+    await sock.join("arena")
+    await sock.send({"type": "message", "room": "arena", "body": "long ago", "client_id": "k2"})
+    ack = await sock.expect("ack")
+    assert ack["duplicate"] is True
+    assert await sock.nothing()
     await sock.close()
 
 

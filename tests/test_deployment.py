@@ -711,7 +711,7 @@ def test_systemd_unit_gives_each_instance_its_ports_and_outlasts_the_drain(tmp_p
         return
     # systemd's own parser, with an executable that exists here in place of the venv's daphne.
     copy = tmp_path / "esports-chat@.service"
-    copy.write_text(unit.replace("/opt/esports-chat/.venv/bin/daphne", "/bin/true"))
+    copy.write_text(unit.replace("/opt/esports-chat/.venv/bin/python", "/bin/true"))
     checked = _run(analyze, "verify", str(tmp_path / "esports-chat@01.service"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

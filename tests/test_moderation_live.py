@@ -136,6 +136,33 @@ async def test_rate_limit_holds_across_processes(
     assert all(a["code"] == "rate_limited" and a["retry_after_ms"] > 0 for a in answers[4:])
 
 
+async def test_repeats_and_slow_mode_hold_across_processes(
+    two: tuple[Any, Any], people: dict[str, Any]
+) -> None:
+    """The same text again, or a second post inside slow mode, is refused on the other process
+    too; a moderator is exempt from both (one Redis script checks every limit of a post)."""
+    from chat.models import Room
+
+    alice, other = await _on_both(two, people["alice"][1])
+    await alice.post("final", "gg wp", client_id="r1")
+    assert (await _answer(alice))["type"] == "ack"
+    await other.post("final", "GG WP", client_id="r2")
+    refused = await _answer(other)
+    assert refused["code"] == "repeated" and refused["retry_after_ms"] > 0
+
+    await sync_to_async(Room.objects.filter(slug="final").update)(slow_mode_seconds=30)
+    bob, bob_other = await _on_both(two, people["bob"][1])  # joins read the room's rules
+    mod, mod_other = await _on_both(two, people["mod"][1])
+    await bob.post("final", "first", client_id="b1")
+    assert (await _answer(bob))["type"] == "ack"
+    await bob_other.post("final", "second", client_id="b2")
+    slowed = await _answer(bob_other)
+    assert slowed["code"] == "slow_mode" and 25_000 < slowed["retry_after_ms"] <= 30_000
+    for i, sock in enumerate((mod, mod_other, mod)):
+        await sock.post("final", "same words", client_id=f"m{i}")
+        assert (await _answer(sock))["type"] == "ack"
+
+
 async def _answer(client: Client) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + 5
     while True:
