@@ -321,15 +321,35 @@ def message_post_many(requests: list[PostRequest]) -> list[PostResult | ChatErro
     published: the caller publishes each new message once this has returned (committed).
     """
     checked = _message_check_many(requests)
-    if not any(isinstance(outcome, tuple) for outcome in checked):
-        return [outcome for outcome in checked if not isinstance(outcome, tuple)]
+    admitted = [
+        (index, request, *outcome)
+        for index, (request, outcome) in enumerate(zip(requests, checked, strict=True))
+        if isinstance(outcome, tuple)
+    ]
+    stored: dict[int, PostResult] = {}
+    if admitted:
+        with transaction.atomic():
+            stored = _message_insert_many(admitted)
     outcomes: list[PostResult | ChatError] = []
-    with transaction.atomic():
-        for request, outcome in zip(requests, checked, strict=True):
-            if isinstance(outcome, tuple):
-                outcome = _message_insert(request, *outcome)
-            outcomes.append(outcome)
+    for index, outcome in enumerate(checked):
+        if isinstance(outcome, tuple):
+            outcome = stored[index]
+        elif isinstance(outcome, _Twin):
+            original = outcomes[outcome.index]
+            if isinstance(original, PostResult):
+                outcome = PostResult(frame=original.frame, duplicate=True)
+            else:
+                outcome = original
+        outcomes.append(outcome)
     return outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class _Twin:
+    """A post whose client_id an earlier post of the same batch carries: it gets that post's
+    answer, as a duplicate."""
+
+    index: int
 
 
 _posts: Batcher[PostRequest, PostResult] = Batcher("post", message_post_many, limit=200)
@@ -341,18 +361,20 @@ def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:
     (outcome,) = _message_check_many([request])
     if isinstance(outcome, ChatError):
         raise outcome
+    assert not isinstance(outcome, _Twin)  # a batch of one has no twins
     return outcome
 
 
 def _message_check_many(
     requests: list[PostRequest],
-) -> list[PostResult | ChatError | tuple[str, str]]:
+) -> list[PostResult | ChatError | tuple[str, str] | _Twin]:
     """_message_check for a batch, in a few queries per batch rather than per post: the rooms,
     the authors, the resends and the sanctions are each read once for everyone, and the abuse
     limits of every post are one Redis round trip."""
     originals = _messages_by_client_id(requests)
-    decided: dict[int, PostResult | ChatError | tuple[str, str]] = {}
+    decided: dict[int, PostResult | ChatError | tuple[str, str] | _Twin] = {}
     bodies: dict[int, str] = {}  # index -> normalized body, of the posts the limits count
+    first: dict[tuple[int, int, str], int] = {}  # a client_id's first post in this batch
     for index, request in enumerate(requests):
         body = text_normalize(request.body)
         try:
@@ -361,10 +383,16 @@ def _message_check_many(
             decided[index] = exc
             continue
         if request.client_id is not None:
-            original = originals.get((request.room.id, request.user_id, request.client_id))
+            key = (request.room.id, request.user_id, request.client_id)
+            original = originals.get(key)
             if original is not None:
                 decided[index] = PostResult(frame=original, duplicate=True)
                 continue
+            if key in first:
+                # A resend queued behind its original: answered once the original is.
+                decided[index] = _Twin(first[key])
+                continue
+            first[key] = index
         bodies[index] = body
     counted = list(bodies)
     posts = [
@@ -421,6 +449,53 @@ def _current_author(
     if sanction is not None:
         raise banned_error(sanction, room=room.slug)
     return str(author.get_username())
+
+
+def _message_insert_many(
+    admitted: list[tuple[int, PostRequest, str, str]],
+) -> dict[int, PostResult]:
+    """Insert checked posts, (index, request, body, username) each, inside the caller's
+    transaction, in one statement. If that statement meets a unique conflict (a resend racing
+    its original), it is undone and each post is inserted on its own, so that only the resend
+    becomes a duplicate."""
+    if len(admitted) > 1:
+        created = timezone.now()
+        messages = [
+            Message(
+                room_id=request.room.id,
+                author_id=request.user_id,
+                body=body,
+                created=created,
+                client_id=request.client_id,
+            )
+            for _, request, body, _ in admitted
+        ]
+        try:
+            with transaction.atomic():
+                Message.objects.bulk_create(messages)
+        except IntegrityError:
+            pass
+        else:
+            return {
+                index: PostResult(
+                    frame=protocol.message(
+                        room=request.room.slug,
+                        id=message.pk,
+                        user=username,
+                        body=body,
+                        ts=to_ms(created),
+                        client_id=request.client_id,
+                    ),
+                    duplicate=False,
+                )
+                for (index, request, body, username), message in zip(
+                    admitted, messages, strict=True
+                )
+            }
+    return {
+        index: _message_insert(request, body, username)
+        for index, request, body, username in admitted
+    }
 
 
 def _message_insert(request: PostRequest, body: str, username: str) -> PostResult:
