@@ -522,40 +522,5 @@ async def test_a_resend_queued_behind_its_original_is_its_duplicate(
     assert await database_sync_to_async(_client_ids)() == ["b1", "same"]
 
 
-async def test_a_batch_insert_that_meets_a_stored_original_falls_back_post_by_post(
-    make_user: Any, room: Any
-) -> None:
-    """A resend whose original another process stored after the checks read: the batch's one
-    insert fails on the unique constraint, and post by post the resend becomes a duplicate
-    while the rest of the batch is stored."""
-    from django.db import transaction
-    from django.utils import timezone
-
-    from chat import services
-    from chat.selectors import room_get
-
-    user, _ = await database_sync_to_async(make_user)("alice")
-    other, _ = await database_sync_to_async(make_user)("bob")
-    info = await database_sync_to_async(room_get)(slug="arena")
-    assert info is not None
-
-    def race() -> dict[int, services.PostResult]:
-        original = Message.objects.create(
-            room_id=info.id, author=user, body="raced", client_id="same", created=timezone.now()
-        )
-        admitted = [
-            (0, services.PostRequest(user.pk, info, "raced", "same"), "raced", "alice"),
-            (1, services.PostRequest(other.pk, info, "bystander", "b1"), "bystander", "bob"),
-        ]
-        with transaction.atomic():
-            stored = services._message_insert_many(admitted)
-        assert stored[0].frame["id"] == original.pk
-        return stored
-
-    stored = await database_sync_to_async(race)()
-    assert stored[0].duplicate is True and stored[1].duplicate is False
-    assert await database_sync_to_async(_client_ids)() == ["b1", "same"]
-
-
 def _client_ids() -> list[str]:
     return sorted(c or "" for c in Message.objects.values_list("client_id", flat=True))
