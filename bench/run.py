@@ -93,6 +93,23 @@ def _idle(sockets: int, rooms: int) -> list[str]:
 
 
 TWO_CORES: list[str | None] = ["0", "1"]
+
+
+def _two(name: str, title: str, args: list[str], server: str, **more: Any) -> Scenario:
+    """Two server processes, a core each, joined by Redis; the generator floats."""
+    return Scenario(
+        name,
+        title,
+        args,
+        server=server,
+        processes=2,
+        redis=True,
+        server_cpus=TWO_CORES,
+        generator_cpus=None,
+        **more,
+    )
+
+
 SCENARIOS: list[Scenario] = []
 for _server in ("uvicorn", "daphne", "daphne-uvloop"):
     _name = {"daphne-uvloop": "Daphne on uvloop"}.get(_server, _server.title())
@@ -103,36 +120,24 @@ for _server in ("uvicorn", "daphne", "daphne-uvloop"):
             _load(2000, 1, 5),
             server=_server,
         ),
-        Scenario(
+        _two(
             f"b-{_server}2",
             f"2,000 sockets, 1 room, 5 msg/s, 2 {_name} + Redis (1,000 each)",
             _load(2000, 1, 5, processes=2),
-            server=_server,
-            processes=2,
-            redis=True,
-            server_cpus=TWO_CORES,
-            generator_cpus=None,
+            _server,
         ),
-        Scenario(
+        _two(
             f"d-{_server}2",
             f"5,000 sockets in 500 rooms of 10, 500 msg/s, 2 {_name} + Redis",
             _load(5000, 500, 500, processes=2),
-            server=_server,
-            processes=2,
-            redis=True,
-            server_cpus=TWO_CORES,
-            generator_cpus=None,
+            _server,
         ),
-        Scenario(
+        _two(
             f"d-{_server}2-pg",
             f"as d-{_server}2, on PostgreSQL (what several processes share in production)",
             _load(5000, 500, 500, processes=2),
-            server=_server,
-            processes=2,
-            redis=True,
+            _server,
             database="postgres",
-            server_cpus=TWO_CORES,
-            generator_cpus=None,
         ),
         Scenario(
             f"e-storm-{_server}",
