@@ -188,28 +188,11 @@ def message_since(*, room: RoomInfo, since: int) -> Recovery:
     return Recovery(messages=_frames(room.slug, rows), gap=gap, deleted=deleted)
 
 
-def sanction_active(*, user_id: int, room_id: int | None) -> SanctionInfo | None:
-    """The ban or timeout keeping this user out of a room (or, for None, out of every room)."""
-    now = timezone.now()
-    scope = Q(room__isnull=True) if room_id is None else Q(room__isnull=True) | Q(room_id=room_id)
-    rows = list(
-        Sanction.objects.filter(scope, user_id=user_id, lifted_at__isnull=True)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .values_list("kind", "room_id", "expires_at", "reason")
-    )
-    return _longest(rows, now) if rows else None
-
-
-def sanctions_active(*, user_ids: Collection[int], room_id: int) -> dict[int, SanctionInfo]:
-    """sanction_active for several users of one room in one query; users with none are absent."""
-    found = sanctions_active_in(pairs=[(user_id, room_id) for user_id in user_ids])
-    return {user_id: sanction for (user_id, _), sanction in found.items()}
-
-
 def sanctions_active_in(
     *, pairs: Collection[tuple[int, int]]
 ) -> dict[tuple[int, int], SanctionInfo]:
-    """sanction_active for several (user id, room id) in one query; pairs with none are absent."""
+    """The ban or timeout keeping each (user id, room id) out of that room, a room's own or
+    one for every room, in one query; pairs with none are absent."""
     now = timezone.now()
     user_ids = {user_id for user_id, _ in pairs}
     room_ids = {room_id for _, room_id in pairs}
@@ -269,10 +252,6 @@ def join_histories(requests: list[tuple[RoomInfo, int | None]]) -> list[JoinHist
 def user_is_moderator(*, user_id: int) -> bool:
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     return user is not None and user.has_perm(MODERATE_PERMISSION)
-
-
-def user_socket_profile(*, user_id: int) -> SocketProfile:
-    return user_socket_profiles(user_ids=[user_id])[user_id]
 
 
 def user_socket_profiles(*, user_ids: Collection[int]) -> dict[int, SocketProfile]:

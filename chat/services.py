@@ -108,19 +108,18 @@ def room_enter_many(requests: list[tuple[str, int | None]]) -> list[RoomInfo | C
     queries per room, not per socket. Same answers, in order."""
     outcomes: list[RoomInfo | ChatError] = []
     rooms = selectors.rooms_by_slug(slugs={slug for slug, _ in requests})
-    users: dict[int, set[int]] = {}
+    users: dict[str, set[int]] = {}
     for slug, user_id in requests:
         if slug in rooms and user_id is not None:
-            users.setdefault(rooms[slug].id, set()).add(user_id)
+            users.setdefault(slug, set()).add(user_id)
     members = {
-        room_id: selectors.room_members_among(room_id=room_id, user_ids=ids)
-        for room_id, ids in users.items()
-        if not _room_of(rooms, room_id).is_public
+        rooms[slug].id: selectors.room_members_among(room_id=rooms[slug].id, user_ids=ids)
+        for slug, ids in users.items()
+        if not rooms[slug].is_public
     }
-    sanctions = {
-        room_id: selectors.sanctions_active(user_ids=ids, room_id=room_id)
-        for room_id, ids in users.items()
-    }
+    sanctions = selectors.sanctions_active_in(
+        pairs={(user_id, rooms[slug].id) for slug, ids in users.items() for user_id in ids}
+    )
     for slug, user_id in requests:
         room = rooms.get(slug)
         if room is None:
@@ -131,15 +130,11 @@ def room_enter_many(requests: list[tuple[str, int | None]]) -> list[RoomInfo | C
             )
         elif not room.is_public and user_id not in members[room.id]:
             outcomes.append(ChatError(ErrorCode.FORBIDDEN, "this room is for members only"))
-        elif user_id is not None and user_id in sanctions[room.id]:
-            outcomes.append(banned_error(sanctions[room.id][user_id], room=room.slug))
+        elif user_id is not None and (user_id, room.id) in sanctions:
+            outcomes.append(banned_error(sanctions[user_id, room.id], room=room.slug))
         else:
             outcomes.append(room)
     return outcomes
-
-
-def _room_of(rooms: dict[str, RoomInfo], room_id: int) -> RoomInfo:
-    return next(room for room in rooms.values() if room.id == room_id)
 
 
 def banned_error(sanction: selectors.SanctionInfo, *, room: str | None = None) -> ChatError:
@@ -274,47 +269,13 @@ def _validate_body(body: str) -> None:
         )
 
 
-def message_post(
-    *,
-    user_id: int,
-    room: RoomInfo,
-    body: str,
-    client_id: str | None = None,
-    moderator: bool = False,
-    slow_mode: int = 0,
-) -> PostResult:
-    """Store a message and publish it to the room after commit.
-
-    Applies the abuse limits (chat.limits; `moderator` and the room's `slow_mode` as the
-    socket knows them), then checks what must be current (the room still takes posts, the
-    author is active and not banned) against the database. A resend with a `client_id`
-    this user already used in this room returns the original message with duplicate=True
-    and publishes nothing. If publishing fails the message is still stored; the caller gets
-    ChatError(UNAVAILABLE) and members recover it with `since`.
-    """
-    request = PostRequest(
-        user_id=user_id,
-        room=room,
-        body=body,
-        client_id=client_id,
-        moderator=moderator,
-        slow_mode=slow_mode,
-    )
-    checked = _message_check(request)
-    if isinstance(checked, PostResult):
-        return checked
-    try:
-        with transaction.atomic():
-            result = _message_insert(request, *checked)
-            if not result.duplicate:
-                transaction.on_commit(partial(_publish, room.id, result.frame), robust=False)
-    except _PublishFailed:
-        raise _unpublished(result.frame) from None
-    return result
-
-
 def message_post_many(requests: list[PostRequest]) -> list[PostResult | ChatError]:
-    """Store several posts in one transaction, each checked as message_post checks it.
+    """Store several posts in one transaction.
+
+    Each post meets the abuse limits (chat.limits; `moderator` and `slow_mode` as the socket
+    knows them), then what must be current (the room still takes posts, the author is active
+    and not banned) is checked against the database. A resend with a `client_id` this user
+    already used in this room returns the original with duplicate=True.
 
     A refused post comes back as its ChatError and leaves the others alone. The checks read
     outside the transaction, which holds the write lock only for the inserts. Nothing is
@@ -359,22 +320,13 @@ class _Twin:
 _posts: Batcher[PostRequest, PostResult] = Batcher("post", message_post_many, limit=200)
 
 
-def _message_check(request: PostRequest) -> PostResult | tuple[str, str]:
-    """The original of a resend, or (normalized body, author's username) of a post that may
-    be stored; ChatError if it may not."""
-    (outcome,) = _message_check_many([request])
-    if isinstance(outcome, ChatError):
-        raise outcome
-    assert not isinstance(outcome, _Twin)  # a batch of one has no twins
-    return outcome
-
-
 def _message_check_many(
     requests: list[PostRequest],
 ) -> list[PostResult | ChatError | tuple[str, str] | _Twin]:
-    """_message_check for a batch, in a few queries per batch rather than per post: the rooms,
-    the authors, the resends and the sanctions are each read once for everyone, and the abuse
-    limits of every post are one Redis round trip."""
+    """For each post: the original of a resend, (normalized body, author's username) of a post
+    that may be stored, or the ChatError saying why not. A few queries per batch rather than
+    per post: the rooms, the authors, the resends and the sanctions are each read once for
+    everyone, and the abuse limits of every post are one Redis round trip."""
     originals = _messages_by_client_id(requests)
     decided: dict[int, PostResult | ChatError | tuple[str, str] | _Twin] = {}
     bodies: dict[int, str] = {}  # index -> normalized body, of the posts the limits count
@@ -469,7 +421,7 @@ def _message_insert(request: PostRequest, body: str, username: str) -> PostResul
         # Two resends raced; the first one stored the message.
         if client_id is None:
             raise
-        original = _message_by_client_id(user_id=user_id, client_id=client_id, room=room)
+        original = _messages_by_client_id([request]).get((room.id, user_id, client_id))
         if original is None:
             raise
         return PostResult(frame=original, duplicate=True)
@@ -517,31 +469,6 @@ def _messages_by_client_id(
                 room=slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
             )
     return found
-
-
-def _message_by_client_id(*, user_id: int, client_id: str, room: RoomInfo) -> protocol.Frame | None:
-    row = (
-        Message.objects.filter(room_id=room.id, author_id=user_id, client_id=client_id)
-        .values_list("id", "author__username", "body", "created")
-        .first()
-    )
-    if row is None:
-        return None
-    pk, username, body, created = row
-    return protocol.message(
-        room=room.slug, id=pk, user=username, body=body, ts=to_ms(created), client_id=client_id
-    )
-
-
-class _PublishFailed(Exception):
-    pass
-
-
-def _publish(room_id: int, frame: protocol.Frame) -> None:
-    try:
-        async_to_sync(hub.publish)(room_id, frame)
-    except Exception as exc:
-        raise _PublishFailed from exc
 
 
 async def typing_publish(*, room: RoomInfo, username: str) -> None:

@@ -88,13 +88,16 @@ async def test_soak_with_two_redis_restarts_and_a_killed_process_loses_nothing(
     async def at(moment: str) -> None:
         await asyncio.sleep(max(0.0, started + SCHEDULE[moment] - time.monotonic()))
 
-    async def faults() -> None:
-        await at("redis_restart_1")
+    async def restart_redis() -> None:
         redis_server.kill()
         events.append(f"{time.monotonic() - started:.1f} s: Redis killed")
         await asyncio.sleep(REDIS_DOWN)
         redis_server.start()
         events.append(f"{time.monotonic() - started:.1f} s: Redis back, empty")
+
+    async def faults() -> None:
+        await at("redis_restart_1")
+        await restart_redis()
         await at("kill_server")
         assert second.proc is not None
         second.proc.kill()
@@ -107,11 +110,7 @@ async def test_soak_with_two_redis_restarts_and_a_killed_process_loses_nothing(
         live.append(replacement)
         events.append(f"{time.monotonic() - started:.1f} s: server 3 started")
         await at("redis_restart_2")
-        redis_server.kill()
-        events.append(f"{time.monotonic() - started:.1f} s: Redis killed")
-        await asyncio.sleep(REDIS_DOWN)
-        redis_server.start()
-        events.append(f"{time.monotonic() - started:.1f} s: Redis back, empty")
+        await restart_redis()
 
     posting = asyncio.create_task(post_steadily())
     sampling = asyncio.create_task(sample_rss())
